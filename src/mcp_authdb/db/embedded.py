@@ -295,8 +295,9 @@ class EmbeddedServer:
         """Start the server unless it runs, and record this process as a user."""
         if self._lease is not None:
             return
+        user = self._server_user()
         with self._locked():
-            cluster = self._prepare()
+            cluster = self._prepare(user)
             started = False
             if not cluster.is_running():
                 cluster.start()
@@ -361,8 +362,10 @@ class EmbeddedServer:
                 "another folder with MCP_AUTHDB_DATA_DIR"
             )
 
-    def _prepare(self) -> LocalCluster:
-        user, bin_dir = self._server_user_and_binaries()
+    def _prepare(self, user: ServerUser) -> LocalCluster:
+        bin_dir = wheel_binaries()
+        if user.uid != os.geteuid():
+            bin_dir = self._copy_binaries(bin_dir)
         cluster = LocalCluster(
             bin_dir, self.data_dir / "pgdata", self.data_dir / "run", user=user
         )
@@ -375,21 +378,29 @@ class EmbeddedServer:
             cluster.init()
         return cluster
 
-    def _server_user_and_binaries(self) -> tuple[ServerUser, Path]:
+    def _server_user(self) -> ServerUser:
+        """Return the user the server runs as, checking that it can reach the data.
+
+        The check runs before any folder is created, so a refused data folder
+        leaves the file system as it was.
+        """
         if os.geteuid() != 0:
-            return ServerUser.current(), wheel_binaries()
+            return ServerUser.current()
         user = _ensure_system_user(
             os.environ.get("MCP_AUTHDB_EMBEDDED_USER") or DEFAULT_SERVER_USER
         )
-        if not user.can_enter(self.data_dir):
+        existing = self.data_dir
+        while not existing.exists():
+            existing = existing.parent
+        if not user.can_enter(existing):
             raise EmbeddedServerError(
                 f"the embedded server runs as user {user.name}, which cannot enter "
-                f"{self.data_dir} or one of its parents; PostgreSQL refuses to run "
-                f"as root and this tool does not change the modes of existing "
-                f"folders. Choose a data folder that user can reach with "
-                f"MCP_AUTHDB_DATA_DIR (default for root: {ROOT_DATA_DIR})"
+                f"{existing}; PostgreSQL refuses to run as root, and mcp-authdb "
+                f"does not change the modes of existing folders. Choose a data "
+                f"folder that user can reach with MCP_AUTHDB_DATA_DIR (the default "
+                f"for root is {ROOT_DATA_DIR})"
             )
-        return user, self._copy_binaries(wheel_binaries())
+        return user
 
     def _copy_binaries(self, bin_dir: Path) -> Path:
         """Copy the server binaries into the data folder, once per wheel version.

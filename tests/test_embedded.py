@@ -1,0 +1,218 @@
+"""The embedded development server: start on demand, sharing, stop, folder modes.
+
+These tests run whatever DATABASE_URL says, because the embedded server is
+what the command line uses when it is unset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from mcp_authdb.db.embedded import EmbeddedServer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def base_dir() -> Iterator[Path]:
+    """A folder of the test's own, which an unprivileged user may enter."""
+    folder = Path(tempfile.mkdtemp(prefix="mcp-authdb-embedded-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def cli_env(data_dir: Path) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key != "DATABASE_URL" and not key.startswith(("DB_", "PG"))
+    }
+    env["MCP_AUTHDB_DATA_DIR"] = str(data_dir)
+    return env
+
+
+def run_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mcp_authdb", *args],
+        env=cli_env(data_dir),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def server_runs(data_dir: Path) -> bool:
+    return (data_dir / "pgdata" / "postmaster.pid").exists()
+
+
+def modes_of(path: Path) -> dict[str, tuple[int, int, int]]:
+    """Return mode, owner and group of ``path`` and each of its parents."""
+    return {
+        str(folder): (
+            stat.S_IMODE(folder.stat().st_mode),
+            folder.stat().st_uid,
+            folder.stat().st_gid,
+        )
+        for folder in [path, *path.parents]
+        if folder.exists()
+    }
+
+
+def test_main_job_on_fresh_folder(base_dir: Path) -> None:
+    data_dir = base_dir / "data"
+
+    migrated = run_cli(data_dir, "migrate")
+    verified = run_cli(data_dir, "verify")
+
+    assert migrated.returncode == 0, migrated.stderr
+    assert str(data_dir) in migrated.stderr
+    assert "started" in migrated.stderr
+    assert "no SSL" in migrated.stderr
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "matches the expected schema" in verified.stdout
+    assert not server_runs(data_dir)
+    assert list((data_dir / "leases").iterdir()) == []
+
+
+def test_running_server_is_reused(base_dir: Path) -> None:
+    data_dir = base_dir / "data"
+    server = EmbeddedServer(data_dir)
+    server.acquire()
+    try:
+        result = run_cli(data_dir, "status", "--json")
+        still_running = server_runs(data_dir)
+        with psycopg.connect(server.conninfo) as conn:
+            answer = conn.execute("SELECT 1").fetchone()
+    finally:
+        server.release()
+
+    assert result.returncode == 0, result.stderr
+    assert "already running" in result.stderr
+    assert json.loads(result.stdout)["current"] is False
+    assert still_running
+    assert answer == (1,)
+    assert not server_runs(data_dir)
+
+
+def test_dead_user_does_not_keep_server(base_dir: Path) -> None:
+    data_dir = base_dir / "data"
+    holder_code = textwrap.dedent(
+        f"""
+        import sys, time
+        from pathlib import Path
+        from mcp_authdb.db.embedded import EmbeddedServer
+        EmbeddedServer(Path({str(data_dir)!r})).acquire()
+        print("ready", flush=True)
+        time.sleep(600)
+        """
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", holder_code],
+        env=cli_env(data_dir),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "ready"
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=10)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    left_running = server_runs(data_dir)
+
+    with EmbeddedServer(data_dir) as server, psycopg.connect(server.conninfo) as conn:
+        conn.execute("SELECT 1")
+
+    assert left_running
+    assert not server_runs(data_dir)
+    assert list((data_dir / "leases").iterdir()) == []
+
+
+def test_folder_modes_unchanged(base_dir: Path) -> None:
+    parent = base_dir / "home"
+    parent.mkdir(mode=0o711)
+    parent.chmod(0o711)
+    data_dir = parent / "data"
+    modes_before = modes_of(parent)
+    temp_before = set(os.listdir(tempfile.gettempdir()))
+
+    result = run_cli(data_dir, "migrate")
+
+    assert result.returncode == 0, result.stderr
+    assert modes_of(parent) == modes_before
+    new_in_temp = set(os.listdir(tempfile.gettempdir())) - temp_before
+    assert not [name for name in new_in_temp if not name.startswith("pytest-")]
+
+
+def test_root_rejects_unreachable_folder(base_dir: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root runs the server as another user")
+    private = base_dir / "private"
+    private.mkdir(mode=0o700)
+    private.chmod(0o700)
+    data_dir = private / "data"
+    modes_before = modes_of(private)
+
+    result = run_cli(data_dir, "migrate")
+
+    assert result.returncode == 2
+    assert "cannot enter" in result.stderr
+    assert str(private) in result.stderr
+    assert modes_of(private) == modes_before
+    assert not data_dir.exists()
+
+
+def test_concurrent_commands_share_one_server(base_dir: Path) -> None:
+    data_dir = base_dir / "data"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "mcp_authdb", "migrate", "--json"],
+            env=cli_env(data_dir),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(6)
+    ]
+    outputs = [process.communicate(timeout=180) for process in processes]
+
+    for process, (_stdout, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr
+    applied = sorted(
+        migration["version"]
+        for stdout, _ in outputs
+        for migration in json.loads(stdout)["applied"]
+    )
+    assert applied == [1, 2, 3]
+    assert not server_runs(data_dir)
+
+
+def test_data_folder_of_other_user_is_rejected(base_dir: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root can make a folder owned by another user")
+    data_dir = base_dir / "data"
+    data_dir.mkdir()
+    os.chown(data_dir, 65534, 65534)
+
+    result = run_cli(data_dir, "status")
+
+    assert result.returncode == 2
+    assert "belongs to user id 65534" in result.stderr
