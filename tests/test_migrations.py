@@ -12,7 +12,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import ScratchDatabase
 
 from mcp_authdb.db.migrations import (
     ADVISORY_LOCK_KEY,
@@ -22,6 +21,8 @@ from mcp_authdb.db.migrations import (
 )
 from mcp_authdb.errors import MigrationError
 from mcp_authdb.sql import load_migrations
+
+from conftest import ScratchDatabase
 
 ALL_VERSIONS = [m.version for m in load_migrations()]
 
@@ -55,9 +56,7 @@ def test_migrate_fresh_applies_all(empty_db: ScratchDatabase) -> None:
 
     assert [m.version for m in applied] == ALL_VERSIONS
     assert [version for version, _ in rows] == ALL_VERSIONS
-    assert [checksum for _, checksum in rows] == [
-        m.checksum for m in load_migrations()
-    ]
+    assert [checksum for _, checksum in rows] == [m.checksum for m in load_migrations()]
 
 
 def test_migrate_again_changes_nothing(empty_db: ScratchDatabase) -> None:
@@ -204,10 +203,8 @@ def test_failed_migration_rolls_back(empty_db: ScratchDatabase) -> None:
 
 def test_changed_file_is_named(db: ScratchDatabase) -> None:
     with db.connect(autocommit=True) as conn:
-        conn.execute(
-            f"UPDATE {LEDGER_TABLE} SET checksum = 'edited' WHERE version = 1"
-        )
-        with pytest.raises(MigrationError, match="0001_user_sessions.sql"):
+        conn.execute(f"UPDATE {LEDGER_TABLE} SET checksum = 'edited' WHERE version = 1")
+        with pytest.raises(MigrationError, match=r"0001_user_sessions\.sql"):
             migrate(conn)
         with pytest.raises(MigrationError, match="has changed since it was applied"):
             read_status(conn)
@@ -229,7 +226,9 @@ def test_newer_migration_is_reported(db: ScratchDatabase) -> None:
     assert status.is_current
     result = run_cli(db, "status", "--json")
     assert result.returncode == 0, result.stderr
-    states = {row["version"]: row["state"] for row in json.loads(result.stdout)["migrations"]}
+    states = {
+        row["version"]: row["state"] for row in json.loads(result.stdout)["migrations"]
+    }
     assert states[9999] == "unknown"
     assert states[1] == "applied"
 

@@ -177,44 +177,63 @@ class LocalCluster:
         self._prepare_private_folder(self.pgdata)
         self._run(
             "initdb",
-            "--pgdata", str(self.pgdata),
-            "--username", SUPERUSER,
-            "--auth", "trust",
-            "--encoding", "UTF8",
-            "--locale", "C",
+            "--pgdata",
+            str(self.pgdata),
+            "--username",
+            SUPERUSER,
+            "--auth",
+            "trust",
+            "--encoding",
+            "UTF8",
+            "--locale",
+            "C",
             "--no-instructions",
         )
 
     def is_running(self) -> bool:
         # pg_ctl status exits with 0 when a server runs, 3 when none does.
-        result = self._run("pg_ctl", "status", "--pgdata", str(self.pgdata), check=False)
+        result = self._run(
+            "pg_ctl", "status", "--pgdata", str(self.pgdata), check=False
+        )
         return result.returncode == 0
 
     def start(self) -> None:
         """Start the server and wait until it accepts connections."""
         self._prepare_private_folder(self.socket_dir)
-        options = " ".join(f"-c {name}={value}" for name, value in self.settings.items())
+        options = " ".join(
+            f"-c {name}={value}" for name, value in self.settings.items()
+        )
         self._run(
-            "pg_ctl", "start",
-            "--pgdata", str(self.pgdata),
-            "--log", str(self.log_file),
-            "--wait", "--timeout", str(START_TIMEOUT_S),
-            "-o", f"-p {self.port} {options}",
+            "pg_ctl",
+            "start",
+            "--pgdata",
+            str(self.pgdata),
+            "--log",
+            str(self.log_file),
+            "--wait",
+            "--timeout",
+            str(START_TIMEOUT_S),
+            "-o",
+            f"-p {self.port} {options}",
         )
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server; ``mode`` is pg_ctl's shutdown mode."""
         self._run(
-            "pg_ctl", "stop",
-            "--pgdata", str(self.pgdata),
-            "--mode", mode,
-            "--wait", "--timeout", str(START_TIMEOUT_S),
+            "pg_ctl",
+            "stop",
+            "--pgdata",
+            str(self.pgdata),
+            "--mode",
+            mode,
+            "--wait",
+            "--timeout",
+            str(START_TIMEOUT_S),
         )
 
     def conninfo(self, dbname: str = DATABASE_NAME) -> str:
         return (
-            f"host={self.socket_dir} port={self.port} dbname={dbname} "
-            f"user={SUPERUSER}"
+            f"host={self.socket_dir} port={self.port} dbname={dbname} user={SUPERUSER}"
         )
 
     def _prepare_private_folder(self, folder: Path) -> None:
@@ -321,8 +340,20 @@ class EmbeddedServer:
             self._lease.unlink(missing_ok=True)
             self._lease = None
             cluster = self._require_cluster()
-            if not self._live_leases() and cluster.is_running():
+            if self._live_leases() or not cluster.is_running():
+                return
+            try:
                 cluster.stop()
+            except EmbeddedServerError as exc:
+                # The caller's work is done; a server left running is noticed
+                # and stopped by the next process that leaves.
+                logger.warning(
+                    "could not stop embedded PostgreSQL in %s: %s",
+                    self.data_dir,
+                    exc,
+                    extra={"action": "embedded.stop_failed"},
+                )
+            else:
                 logger.info(
                     "stopped embedded PostgreSQL in %s: no process uses it",
                     self.data_dir,
@@ -345,10 +376,8 @@ class EmbeddedServer:
                 fcntl.flock(lock_file, fcntl.LOCK_UN)
 
     def _prepare_data_dir(self) -> None:
-        is_root = os.geteuid() == 0
         if not self.data_dir.exists():
-            # Only the new folders get a mode; existing parents stay as they are.
-            self.data_dir.mkdir(parents=True, mode=0o755 if is_root else 0o700)
+            self._make_data_dir()
         elif not self.data_dir.is_dir():
             raise EmbeddedServerError(
                 f"MCP_AUTHDB_DATA_DIR {self.data_dir} is not a folder; choose a "
@@ -361,6 +390,18 @@ class EmbeddedServer:
                 f"to this user (id {os.geteuid()}); run as its owner or choose "
                 "another folder with MCP_AUTHDB_DATA_DIR"
             )
+
+    def _make_data_dir(self) -> None:
+        # Only the folders made here get a mode, chosen whatever the umask:
+        # under root the server's user must enter them. Existing parents stay
+        # as they are.
+        mode = 0o755 if os.geteuid() == 0 else 0o700
+        missing = [self.data_dir]
+        missing += [p for p in self.data_dir.parents if not p.exists()]
+        for folder in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                folder.mkdir(mode=mode)
+                folder.chmod(mode)
 
     def _prepare(self, user: ServerUser) -> LocalCluster:
         bin_dir = wheel_binaries()
@@ -485,9 +526,14 @@ def _ensure_system_user(name: str) -> ServerUser:
     try:
         subprocess.run(
             [
-                "useradd", "--system", "--user-group",
-                "--no-create-home", "--home-dir", "/nonexistent",
-                "--shell", "/usr/sbin/nologin",
+                "useradd",
+                "--system",
+                "--user-group",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
                 name,
             ],
             check=True,
@@ -495,6 +541,10 @@ def _ensure_system_user(name: str) -> ServerUser:
             text=True,
         )
     except (OSError, subprocess.CalledProcessError) as exc:
+        # Another process may have added the same user a moment ago.
+        user = ServerUser.lookup(name)
+        if user is not None:
+            return user
         detail = getattr(exc, "stderr", None) or str(exc)
         raise EmbeddedServerError(
             f"could not add system user {name} to run the embedded PostgreSQL: "
@@ -516,4 +566,3 @@ def _log_no_ssl() -> None:
             "DB_SSL_MODE applies to TCP connections only",
             extra={"action": "embedded.no_ssl"},
         )
-

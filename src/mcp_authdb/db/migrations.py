@@ -24,9 +24,9 @@ from mcp_authdb.sql import Migration, load_migrations
 logger = logging.getLogger(__name__)
 
 LEDGER_TABLE = "mcp_authdb_migrations"
-# The key of the advisory lock held while migrating: "mcpauthd" read as a
-# big-endian 64-bit integer. Every mcp-authdb runner uses the same key.
-ADVISORY_LOCK_KEY = int.from_bytes(b"mcpauthd", "big") - 2**63
+# The key of the advisory lock held while migrating: the bytes "mcpauthd" read
+# as a big-endian integer. Every mcp-authdb runner uses the same key.
+ADVISORY_LOCK_KEY = int.from_bytes(b"mcpauthd", "big")
 DEFAULT_LOCK_TIMEOUT_S = 60.0
 _LOCK_POLL_S = 0.1
 
@@ -114,7 +114,7 @@ def _apply(conn: psycopg.Connection[Any], migration: Migration) -> None:
         with conn.transaction():
             # The file is sent as one simple query: several statements, no
             # parameters, so psql and the runner execute the same text.
-            conn.execute(migration.sql.encode())  # type: ignore[call-overload]
+            conn.execute(migration.sql.encode())
             conn.execute(
                 f"INSERT INTO {LEDGER_TABLE} (version, name, checksum)"
                 " VALUES (%s, %s, %s)",

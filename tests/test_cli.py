@@ -1,0 +1,205 @@
+"""The installed command line, run in a subprocess as a user or a script would."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ScratchDatabase
+
+
+def run_cli(
+    db: ScratchDatabase, *args: str, **env: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mcp_authdb", *args],
+        env=db.env(**env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def seed_expired(db: ScratchDatabase, expired: int, live: int) -> None:
+    with db.connect() as conn:
+        conn.execute(
+            "INSERT INTO user_sessions"
+            " (user_id, access_token_hash, refresh_token_hash, expires_at)"
+            " SELECT 'user-' || n, 'a-' || n, 'r-' || n,"
+            "  now() + CASE WHEN n <= %s THEN interval '-1 hour'"
+            "               ELSE interval '1 hour' END"
+            " FROM generate_series(1, %s) AS n",
+            (expired, expired + live),
+        )
+        conn.commit()
+
+
+def count_sessions(db: ScratchDatabase) -> int:
+    with db.connect() as conn:
+        row = conn.execute("SELECT count(*) FROM user_sessions").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "mcp-authdb"
+    result = subprocess.run(
+        [str(script), "--version"], capture_output=True, text=True, timeout=60
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+def test_verify_clean_exits_zero(db: ScratchDatabase) -> None:
+    result = run_cli(db, "verify", "--json")
+
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["matches"] is True
+    assert report["differences"] == []
+
+
+def test_verify_drift_exits_one(db: ScratchDatabase) -> None:
+    with db.connect() as conn:
+        conn.execute("DROP INDEX idx_user_sessions_expires")
+        conn.commit()
+
+    result = run_cli(db, "verify")
+
+    assert result.returncode == 1
+    assert "idx_user_sessions_expires" in result.stdout
+    assert "missing" in result.stdout
+
+
+def test_cleanup_without_terminal_prints_result(db: ScratchDatabase) -> None:
+    seed_expired(db, expired=25, live=5)
+
+    result = run_cli(db, "cleanup", "--batch-size", "10")
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("deleted 25 expired session(s)")
+    assert len(result.stdout.splitlines()) == 1
+    assert "rows/s" not in result.stderr
+    assert count_sessions(db) == 5
+
+
+def test_cleanup_json_reports_batches(db: ScratchDatabase) -> None:
+    seed_expired(db, expired=25, live=5)
+
+    result = run_cli(db, "cleanup", "--json", MCP_AUTHDB_BATCH_SIZE="10")
+
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["deleted"] == 25
+    assert report["batches"] == 3
+
+
+def test_cleanup_on_terminal_shows_progress(db: ScratchDatabase) -> None:
+    seed_expired(db, expired=30, live=0)
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mcp_authdb", "cleanup", "--batch-size", "10"],
+            env=db.env(),
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            text=True,
+        )
+        stdout, _ = process.communicate(timeout=120)
+        os.close(terminal)
+        terminal = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(controller)
+        if terminal >= 0:
+            os.close(terminal)
+
+    assert process.returncode == 0
+    assert "deleted 30 expired session(s)" in stdout
+    assert b"rows/s" in shown
+    assert b"deleted 30 expired sessions" in shown
+
+
+def test_bad_batch_size_names_value(db: ScratchDatabase) -> None:
+    from_option = run_cli(db, "cleanup", "--batch-size", "0")
+    from_env = run_cli(db, "cleanup", MCP_AUTHDB_BATCH_SIZE="lots")
+
+    assert from_option.returncode == 2
+    assert "--batch-size 0" in from_option.stderr
+    assert from_env.returncode == 2
+    assert "MCP_AUTHDB_BATCH_SIZE='lots'" in from_env.stderr
+
+
+def test_bad_setting_names_variable(db: ScratchDatabase) -> None:
+    result = run_cli(db, "status", DB_COMMAND_TIMEOUT="soon")
+
+    assert result.returncode == 2
+    assert "DB_COMMAND_TIMEOUT='soon'" in result.stderr
+
+
+def test_weaker_sslmode_is_rejected(db: ScratchDatabase) -> None:
+    result = run_cli(
+        db, "status", DATABASE_URL=db.url + " sslmode=disable", DB_SSL_MODE="require"
+    )
+
+    assert result.returncode == 2
+    assert "sslmode=disable" in result.stderr
+    assert "DB_SSL_MODE=require" in result.stderr
+
+
+def test_connection_error_hides_password(db: ScratchDatabase) -> None:
+    # A port on loopback with nothing listening: the connection is refused.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"postgresql://someone:s3cret-Passw0rd@127.0.0.1:{port}/nowhere"
+
+    result = run_cli(db, "status", DATABASE_URL=url, DB_SSL_MODE="disable")
+
+    assert result.returncode == 2
+    assert f"127.0.0.1:{port}" in result.stderr
+    assert "s3cret-Passw0rd" not in result.stderr + result.stdout
+
+
+def test_migrate_json_lists_applied(empty_db: ScratchDatabase) -> None:
+    first = run_cli(empty_db, "migrate", "--json")
+    second = run_cli(empty_db, "migrate", "--json")
+
+    assert first.returncode == 0, first.stderr
+    assert [m["version"] for m in json.loads(first.stdout)["applied"]] == [1, 2, 3]
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["applied"] == []
+    assert json.loads(second.stdout)["current"] is True
+
+
+@pytest.mark.skipif(shutil.which("psql") is None, reason="psql is not installed")
+def test_psql_calls_spec_function(db: ScratchDatabase) -> None:
+    seed_expired(db, expired=3, live=2)
+
+    result = subprocess.run(
+        ["psql", "-X", "-At", "-c", "SELECT cleanup_expired_sessions()", db.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "3"
+    assert count_sessions(db) == 2
