@@ -15,10 +15,9 @@ from mcp_authdb.db.migrations import migrate
 from mcp_authdb.db.verify import (
     SCRATCH_SCHEMA_PREFIX,
     Difference,
-    SchemaCheckError,
     verify_schema,
 )
-from mcp_authdb.errors import AuthDBError
+from mcp_authdb.errors import AuthDBError, SchemaCheckError
 
 from conftest import ScratchDatabase
 

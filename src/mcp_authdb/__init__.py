@@ -12,7 +12,7 @@ from mcp_authdb.errors import (
     EmbeddedServerError,
     InvalidValueError,
     MigrationError,
-    SchemaMismatchError,
+    SchemaCheckError,
 )
 
 try:
@@ -28,6 +28,6 @@ __all__ = [
     "EmbeddedServerError",
     "InvalidValueError",
     "MigrationError",
-    "SchemaMismatchError",
+    "SchemaCheckError",
     "__version__",
 ]

@@ -65,5 +65,9 @@ class MigrationError(DatabaseError):
     """A migration could not be applied, or the ledger disagrees with the files."""
 
 
-class SchemaMismatchError(AuthDBError):
-    """The live database differs from the schema this version expects."""
+class SchemaCheckError(DatabaseError):
+    """The schema check itself failed, so nothing was compared.
+
+    ``sqlstate`` is ``42501`` when the role may not create the scratch schema
+    that the check builds and rolls back.
+    """

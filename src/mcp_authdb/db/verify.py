@@ -40,7 +40,7 @@ import psycopg
 from psycopg import sql
 
 from mcp_authdb.db.migrations import LEDGER_TABLE
-from mcp_authdb.errors import DatabaseError
+from mcp_authdb.errors import SchemaCheckError
 from mcp_authdb.sql import load_schema
 
 logger = logging.getLogger(__name__)
@@ -55,14 +55,6 @@ SCRATCH_SCHEMA_PREFIX = "mcp_authdb_verify_"
 MISSING = "missing"
 EXTRA = "extra"
 CHANGED = "changed"
-
-
-class SchemaCheckError(DatabaseError):
-    """The schema check itself failed, so nothing was compared.
-
-    ``sqlstate`` is the one of the PostgreSQL error behind it, when there is
-    one: ``42501`` when the role may not create the scratch schema.
-    """
 
 
 @dataclasses.dataclass(frozen=True)
