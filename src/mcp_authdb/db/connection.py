@@ -8,6 +8,9 @@ turns a ``DATABASE_URL`` and the settings into a libpq conninfo string:
 - Unix-socket connections stay local, where libpq does not use SSL.
 - ``statement_timeout`` is set at connection start from ``DB_COMMAND_TIMEOUT``,
   so it bounds every statement, the first one included.
+- ``connect_timeout``, unless the URL sets it, is ``DB_COMMAND_TIMEOUT``
+  rounded up to whole seconds, at least 2, so that a server that never
+  responds gives an error instead of a hang.
 - Naive datetimes are rejected, because PostgreSQL would read them in the
   connection's ``TimeZone`` and shift them.
 
@@ -24,18 +27,26 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg.abc import Buffer
 from psycopg.adapt import AdaptersMap, Dumper, PyFormat
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.datetime import DatetimeBinaryDumper, DatetimeDumper
 
-from mcp_authdb.db.settings import SSL_MODES, Settings, mask_password, ssl_mode_rank
-from mcp_authdb.errors import ConfigurationError, ConnectionFailedError
+from mcp_authdb.db.settings import Settings, parse_database_url, scrub_message
+from mcp_authdb.errors import ConnectionFailedError, InvalidValueError
 
 logger = logging.getLogger(__name__)
 
 APPLICATION_NAME = "mcp-authdb"
-# libpq's own connect_timeout floor: shorter values are raised to 2 seconds.
+# psycopg, which enforces connect_timeout itself, raises shorter values to 2.
 MIN_CONNECT_TIMEOUT_S = 2
+
+# Parts of libpq's messages when the server's certificate fails verification.
+_CERTIFICATE_FAILURES = (
+    "certificate verify failed",
+    "root certificate file",
+    "server certificate for",
+)
 
 _local_socket_logged = False
 
@@ -63,33 +74,12 @@ class ConnectionTarget:
 def resolve_target(url: str, settings: Settings) -> ConnectionTarget:
     """Check ``url`` against the SSL policy and add the project's parameters.
 
-    Raises :class:`ConfigurationError` when the URL cannot be parsed or asks
-    for a weaker ``sslmode`` than ``settings.ssl_mode``.
+    Raises :class:`ConfigurationError` when the URL cannot be parsed, has a
+    port or ``connect_timeout`` that is not a number, or requests a weaker
+    ``sslmode`` than ``settings.ssl_mode``.
     """
-    try:
-        params = conninfo_to_dict(url)
-    except psycopg.ProgrammingError as exc:
-        message = _scrub(str(exc), _password_of(url))
-        raise ConfigurationError(
-            f"DATABASE_URL {mask_password(url)!r} is invalid: {message}; expected "
-            "postgresql://user:password@host:5432/dbname"
-        ) from None
-
-    requested = params.get("sslmode")
-    if requested is not None:
-        requested = str(requested)
-        if requested not in SSL_MODES:
-            raise ConfigurationError(
-                f"DATABASE_URL has sslmode={requested!r}, which is not a libpq "
-                f"sslmode; use one of {', '.join(SSL_MODES)}"
-            )
-        if ssl_mode_rank(requested) < ssl_mode_rank(settings.ssl_mode):
-            raise ConfigurationError(
-                f"DATABASE_URL asks for sslmode={requested}, weaker than "
-                f"DB_SSL_MODE={settings.ssl_mode}; remove sslmode from "
-                f"DATABASE_URL, or lower DB_SSL_MODE if this network is trusted"
-            )
-    ssl_mode = requested or settings.ssl_mode
+    params = parse_database_url(url, settings.ssl_mode)
+    ssl_mode = str(params.get("sslmode") or settings.ssl_mode)
 
     hosts = _hosts_of(params)
     local_socket = all(_is_socket(host) for host in hosts) and not params.get(
@@ -117,45 +107,69 @@ def resolve_target(url: str, settings: Settings) -> ConnectionTarget:
     )
 
 
-def connect(target: ConnectionTarget, *, autocommit: bool = False) -> psycopg.Connection[Any]:
+# The connect functions raise their error after the except block, so that it
+# has no driver error as __context__. Its message already carries the
+# driver's detail, with the password masked.
+
+
+def connect(
+    target: ConnectionTarget, *, autocommit: bool = False
+) -> psycopg.Connection[Any]:
     """Open a connection to ``target``, or raise :class:`ConnectionFailedError`."""
     _log_transport(target)
     try:
         conn = psycopg.Connection.connect(target.conninfo, autocommit=autocommit)
     except psycopg.OperationalError as exc:
-        raise _connection_error(target, exc) from None
-    register_adapters(conn.adapters)
-    return conn
+        error = _connection_error(target, exc)
+    else:
+        _prepare_connection(target, conn)
+        return conn
+    raise error
 
 
 async def connect_async(
     target: ConnectionTarget, *, autocommit: bool = False
 ) -> psycopg.AsyncConnection[Any]:
-    """Open an async connection to ``target``, or raise :class:`ConnectionFailedError`."""
+    """Open an async connection to ``target``.
+
+    Raises :class:`ConnectionFailedError` when it cannot.
+    """
     _log_transport(target)
     try:
         conn = await psycopg.AsyncConnection.connect(
             target.conninfo, autocommit=autocommit
         )
     except psycopg.OperationalError as exc:
-        raise _connection_error(target, exc) from None
-    register_adapters(conn.adapters)
-    return conn
+        error = _connection_error(target, exc)
+    else:
+        _prepare_connection(target, conn)
+        return conn
+    raise error
 
 
 def register_adapters(adapters: AdaptersMap) -> None:
-    """Make ``adapters`` reject naive datetimes instead of sending ``timestamp``."""
+    """Make ``adapters`` reject naive datetimes instead of sending ``timestamp``.
+
+    The rejection is an :class:`InvalidValueError`, also a ``ValueError``. It
+    covers query parameters in every format, the elements of lists, and COPY
+    rows, with or without ``set_types``.
+    """
     adapters.register_dumper(datetime, _AwareDatetimeDumper)
     adapters.register_dumper(datetime, _AwareDatetimeBinaryDumper)
 
 
 def _reject_naive(obj: datetime) -> None:
     if obj.tzinfo is None or obj.utcoffset() is None:
-        raise ValueError(
+        raise InvalidValueError(
             f"datetime {obj.isoformat()} has no time zone; PostgreSQL would read "
             "it in the connection's TimeZone. Pass an aware datetime, for "
             "example datetime.now(timezone.utc)"
         )
+
+
+# psycopg calls upgrade() when a query parameter is naive, but calls dump()
+# directly for all but one element of a list and for COPY with set_types(),
+# so both methods check.
 
 
 class _AwareDatetimeDumper(DatetimeDumper):
@@ -163,11 +177,19 @@ class _AwareDatetimeDumper(DatetimeDumper):
         _reject_naive(obj)
         return self
 
+    def dump(self, obj: datetime) -> Buffer | None:
+        _reject_naive(obj)
+        return super().dump(obj)
+
 
 class _AwareDatetimeBinaryDumper(DatetimeBinaryDumper):
     def upgrade(self, obj: datetime, format: PyFormat) -> Dumper:
         _reject_naive(obj)
         return self
+
+    def dump(self, obj: datetime) -> Buffer | None:
+        _reject_naive(obj)
+        return super().dump(obj)
 
 
 def _hosts_of(params: dict[str, Any]) -> list[str]:
@@ -187,7 +209,8 @@ def _describe(params: dict[str, Any], hosts: list[str]) -> str:
     ports = port.split(",")
     places = []
     for index, host in enumerate(hosts):
-        host_port = ports[index] if index < len(ports) else ports[-1]
+        # libpq reads an empty entry of a port list as the default port.
+        host_port = (ports[index] if index < len(ports) else ports[-1]) or "5432"
         if _is_socket(host):
             places.append(f"socket {host or '(default folder)'}:{host_port}")
         else:
@@ -207,51 +230,62 @@ def _log_transport(target: ConnectionTarget) -> None:
     if target.local_socket and not _local_socket_logged:
         _local_socket_logged = True
         logger.info(
-            "connecting to %s over a Unix socket; SSL does not apply to local "
-            "sockets",
+            "connecting to %s over a Unix socket; SSL does not apply to local sockets",
             target.description,
             extra={"action": "db.connect.local_socket"},
         )
 
 
-def _password_of(conninfo: str) -> str | None:
-    try:
-        password = conninfo_to_dict(conninfo).get("password")
-    except psycopg.Error:
-        return None
-    return str(password) if password else None
+def _prepare_connection(
+    target: ConnectionTarget,
+    conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any],
+) -> None:
+    register_adapters(conn.adapters)
+    ssl_in_use = conn.pgconn.ssl_in_use
+    logger.debug(
+        "connected to %s (SSL in use: %s)",
+        target.description,
+        ssl_in_use,
+        extra={"action": "db.connect.done", "ssl": ssl_in_use},
+    )
 
 
-def _scrub(message: str, password: str | None) -> str:
-    message = mask_password(message)
-    if password:
-        message = message.replace(password, "***")
-    return message
+def _failure_hint(target: ConnectionTarget, detail: str) -> str:
+    """Return what to do about a connection failure that libpq reported."""
+    if any(text in detail for text in _CERTIFICATE_FAILURES):
+        return (
+            "the server's certificate could not be verified; set sslrootcert in "
+            "DATABASE_URL to the file of the CA that signed it, and for "
+            "sslmode=verify-full use a host name the certificate names"
+        )
+    if "server does not support SSL" in detail:
+        return (
+            f"sslmode={target.ssl_mode} needs a server with SSL turned on; turn "
+            "SSL on in the server, or lower DB_SSL_MODE if this network is trusted"
+        )
+    if "authentication failed" in detail:
+        return "check the user name and password in DATABASE_URL"
+    if "timeout expired" in detail:
+        timeout = conninfo_to_dict(target.conninfo).get("connect_timeout")
+        return (
+            f"the connection timed out after connect_timeout={timeout} seconds; "
+            "check the host, the port and any firewall between them"
+        )
+    return "check that the server is running and DATABASE_URL is right"
 
 
 def _connection_error(
     target: ConnectionTarget, exc: psycopg.OperationalError
 ) -> ConnectionFailedError:
-    detail = _scrub(str(exc).strip(), _password_of(target.conninfo))
-    hint = "check that the server is running and DATABASE_URL is right"
-    if "SSL" in detail or "ssl" in detail:
-        hint = (
-            f"sslmode={target.ssl_mode} needs a server with SSL turned on; turn "
-            "SSL on in the server, or lower DB_SSL_MODE if this network is trusted"
-        )
-    elif "timeout" in detail:
-        hint = (
-            "the server did not answer in time; check the host, the port and "
-            "any firewall between them"
-        )
-    error = ConnectionFailedError.from_driver(
-        f"could not connect to PostgreSQL at {target.description}: {detail}; {hint}",
-        exc,
-    )
+    detail = scrub_message(str(exc).strip(), target.conninfo)
+    hint = _failure_hint(target, detail)
     logger.warning(
         "connection to %s failed: %s",
         target.description,
         detail,
         extra={"action": "db.connect.failed", "sqlstate": exc.sqlstate},
     )
-    return error
+    return ConnectionFailedError.from_driver(
+        f"could not connect to PostgreSQL at {target.description}: {detail}; {hint}",
+        exc,
+    )
