@@ -35,7 +35,7 @@ from mcp_authdb.db.embedded import (
     DEFAULT_SERVER_USER,
     LocalCluster,
     ServerUser,
-    _ensure_system_user,
+    ensure_system_user,
 )
 
 MACHINE_BINARIES_GLOB = "/usr/lib/postgresql/*/bin"
@@ -121,7 +121,7 @@ def server_user() -> ServerUser:
     if os.geteuid() != 0:
         return ServerUser.current()
     name = os.environ.get("MCP_AUTHDB_EMBEDDED_USER") or DEFAULT_SERVER_USER
-    return _ensure_system_user(name)
+    return ensure_system_user(name)
 
 
 def write_certificates(

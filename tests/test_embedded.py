@@ -136,6 +136,9 @@ def test_dead_user_does_not_keep_server(base_dir: Path) -> None:
     finally:
         if holder.poll() is None:
             holder.kill()
+            holder.wait(timeout=10)
+        if holder.stdout is not None:
+            holder.stdout.close()
     left_running = server_runs(data_dir)
 
     with EmbeddedServer(data_dir) as server, psycopg.connect(server.conninfo) as conn:

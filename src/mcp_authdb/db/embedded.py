@@ -427,7 +427,7 @@ class EmbeddedServer:
         """
         if os.geteuid() != 0:
             return ServerUser.current()
-        user = _ensure_system_user(
+        user = ensure_system_user(
             os.environ.get("MCP_AUTHDB_EMBEDDED_USER") or DEFAULT_SERVER_USER
         )
         existing = self.data_dir
@@ -514,7 +514,8 @@ def _process_start_time(pid: int) -> str:
     return fields[19] if len(fields) > 19 else ""
 
 
-def _ensure_system_user(name: str) -> ServerUser:
+def ensure_system_user(name: str) -> ServerUser:
+    """Return the system user ``name``, adding it with ``useradd`` if missing."""
     user = ServerUser.lookup(name)
     if user is not None:
         return user
