@@ -20,6 +20,7 @@ from mcp_authdb import __version__
 from mcp_authdb.db import Settings, connect, open_target
 from mcp_authdb.db.connection import ConnectionTarget
 from mcp_authdb.db.migrations import DEFAULT_LOCK_TIMEOUT_S, migrate, read_status
+from mcp_authdb.db.settings import parse_whole_number
 from mcp_authdb.db.verify import verify_schema
 from mcp_authdb.errors import AuthDBError, ConfigurationError
 from mcp_authdb.sql import Migration
@@ -128,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup_parser.add_argument(
         "--batch-size",
         type=_positive_int("--batch-size"),
-        default=_env_int("MCP_AUTHDB_BATCH_SIZE", DEFAULT_BATCH_SIZE),
+        default=_env_int(
+            "MCP_AUTHDB_BATCH_SIZE", DEFAULT_BATCH_SIZE, "the rows per batch"
+        ),
         metavar="ROWS",
         help=(
             "rows deleted per transaction (env MCP_AUTHDB_BATCH_SIZE, "
@@ -381,16 +384,9 @@ def _env_number(name: str, default: float) -> float:
     return value
 
 
-def _env_int(name: str, default: int) -> int:
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise ConfigurationError(
-            f"{name}={text!r} is not a whole number; unset it to use {default}"
-        ) from None
+def _env_int(name: str, default: int, meaning: str) -> int:
+    text = os.environ.get(name, "").strip() or None
+    value = parse_whole_number(name, text, default, meaning)
     if value < 1:
         raise ConfigurationError(f"{name}={text!r} must be at least 1")
     return value

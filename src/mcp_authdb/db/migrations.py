@@ -52,7 +52,7 @@ class AppliedMigration:
 
 @dataclasses.dataclass(frozen=True)
 class MigrationStatus:
-    """What the ledger and the files say about the database."""
+    """The migrations of a database: applied, pending, and unknown to this version."""
 
     applied: list[AppliedMigration]
     pending: list[Migration]
@@ -138,7 +138,7 @@ def _apply(conn: psycopg.Connection[Any], migration: Migration) -> None:
 
 def _lock(conn: psycopg.Connection[Any], timeout_s: float) -> None:
     # pg_try_advisory_lock in a loop rather than pg_advisory_lock: a blocking
-    # wait would be cancelled by statement_timeout, and a loop can say that
+    # wait would be cancelled by statement_timeout, and a loop can log that
     # it is waiting.
     deadline = time.monotonic() + timeout_s
     waiting_logged = False

@@ -276,13 +276,13 @@ class Settings:
         return cls(
             database_url=get("DATABASE_URL"),
             ssl_mode=get("DB_SSL_MODE") or DEFAULT_SSL_MODE,
-            pool_size=_parse_int(
+            pool_size=parse_whole_number(
                 "DB_CONNECTION_POOL_SIZE",
                 get("DB_CONNECTION_POOL_SIZE"),
                 DEFAULT_POOL_SIZE,
                 "the maximum number of pooled connections",
             ),
-            command_timeout_ms=_parse_int(
+            command_timeout_ms=parse_whole_number(
                 "DB_COMMAND_TIMEOUT",
                 get("DB_COMMAND_TIMEOUT"),
                 DEFAULT_COMMAND_TIMEOUT_MS,
@@ -296,7 +296,11 @@ class Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
-def _parse_int(name: str, value: str | None, default: int, meaning: str) -> int:
+def parse_whole_number(name: str, value: str | None, default: int, meaning: str) -> int:
+    """Parse the variable ``name`` as a whole number; ``None`` gives ``default``.
+
+    ``meaning`` completes the hint of the error, as in "set it to {meaning}".
+    """
     if value is None:
         return default
 

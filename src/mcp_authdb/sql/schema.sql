@@ -1,7 +1,7 @@
 -- The whole current schema of mcp-authdb, as the migrations in migrations/
--- build it. A test replays the migrations and checks that the result is
--- exactly this file's; `mcp-authdb verify` builds this file in a scratch
--- schema, rolled back afterwards, and compares a live database with it.
+-- build it. A test replays the migrations and checks that the result equals
+-- this file's. `mcp-authdb verify` builds this file in a scratch schema,
+-- compares a live database with it, and rolls the scratch schema back.
 --
 -- To install by hand on an empty database:
 --     psql -v ON_ERROR_STOP=1 -1 -f schema.sql
