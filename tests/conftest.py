@@ -12,6 +12,8 @@ import dataclasses
 import itertools
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,6 +57,16 @@ class ScratchDatabase:
     def connect(self, *, autocommit: bool = False) -> psycopg.Connection[Any]:
         """Open a connection the way the project does (timeout, SSL policy)."""
         return connect(resolve_target(self.url, self.settings), autocommit=autocommit)
+
+    def run_cli(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        """Run ``python -m mcp_authdb ARGS`` on this database and wait for it."""
+        return subprocess.run(
+            [sys.executable, "-m", "mcp_authdb", *args],
+            env=self.env(**env),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     def env(self, **extra: str) -> dict[str, str]:
         """Return an environment for a subprocess that uses this database."""

@@ -16,18 +16,6 @@ import pytest
 from conftest import ScratchDatabase
 
 
-def run_cli(
-    db: ScratchDatabase, *args: str, **env: str
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mcp_authdb", *args],
-        env=db.env(**env),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def seed_expired(db: ScratchDatabase, expired: int, live: int) -> None:
     with db.connect() as conn:
         conn.execute(
@@ -60,7 +48,7 @@ def test_console_script_is_installed() -> None:
 
 
 def test_verify_clean_exits_zero(db: ScratchDatabase) -> None:
-    result = run_cli(db, "verify", "--json")
+    result = db.run_cli("verify", "--json")
 
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -73,7 +61,7 @@ def test_verify_drift_exits_one(db: ScratchDatabase) -> None:
         conn.execute("DROP INDEX idx_user_sessions_expires")
         conn.commit()
 
-    result = run_cli(db, "verify")
+    result = db.run_cli("verify")
 
     assert result.returncode == 1
     assert "idx_user_sessions_expires" in result.stdout
@@ -83,7 +71,7 @@ def test_verify_drift_exits_one(db: ScratchDatabase) -> None:
 def test_cleanup_without_terminal_prints_result(db: ScratchDatabase) -> None:
     seed_expired(db, expired=25, live=5)
 
-    result = run_cli(db, "cleanup", "--batch-size", "10")
+    result = db.run_cli("cleanup", "--batch-size", "10")
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("deleted 25 expired session(s)")
@@ -95,7 +83,7 @@ def test_cleanup_without_terminal_prints_result(db: ScratchDatabase) -> None:
 def test_cleanup_json_reports_batches(db: ScratchDatabase) -> None:
     seed_expired(db, expired=25, live=5)
 
-    result = run_cli(db, "cleanup", "--json", MCP_AUTHDB_BATCH_SIZE="10")
+    result = db.run_cli("cleanup", "--json", MCP_AUTHDB_BATCH_SIZE="10")
 
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -138,8 +126,8 @@ def test_cleanup_on_terminal_shows_progress(db: ScratchDatabase) -> None:
 
 
 def test_bad_batch_size_names_value(db: ScratchDatabase) -> None:
-    from_option = run_cli(db, "cleanup", "--batch-size", "0")
-    from_env = run_cli(db, "cleanup", MCP_AUTHDB_BATCH_SIZE="lots")
+    from_option = db.run_cli("cleanup", "--batch-size", "0")
+    from_env = db.run_cli("cleanup", MCP_AUTHDB_BATCH_SIZE="lots")
 
     assert from_option.returncode == 2
     assert "--batch-size 0" in from_option.stderr
@@ -148,15 +136,15 @@ def test_bad_batch_size_names_value(db: ScratchDatabase) -> None:
 
 
 def test_bad_setting_names_variable(db: ScratchDatabase) -> None:
-    result = run_cli(db, "status", DB_COMMAND_TIMEOUT="soon")
+    result = db.run_cli("status", DB_COMMAND_TIMEOUT="soon")
 
     assert result.returncode == 2
     assert "DB_COMMAND_TIMEOUT='soon'" in result.stderr
 
 
 def test_weaker_sslmode_is_rejected(db: ScratchDatabase) -> None:
-    result = run_cli(
-        db, "status", DATABASE_URL=db.url + " sslmode=disable", DB_SSL_MODE="require"
+    result = db.run_cli(
+        "status", DATABASE_URL=db.url + " sslmode=disable", DB_SSL_MODE="require"
     )
 
     assert result.returncode == 2
@@ -171,7 +159,7 @@ def test_connection_error_hides_password(db: ScratchDatabase) -> None:
         port = probe.getsockname()[1]
     url = f"postgresql://someone:s3cret-Passw0rd@127.0.0.1:{port}/nowhere"
 
-    result = run_cli(db, "status", DATABASE_URL=url, DB_SSL_MODE="disable")
+    result = db.run_cli("status", DATABASE_URL=url, DB_SSL_MODE="disable")
 
     assert result.returncode == 2
     assert f"127.0.0.1:{port}" in result.stderr
@@ -179,8 +167,8 @@ def test_connection_error_hides_password(db: ScratchDatabase) -> None:
 
 
 def test_migrate_json_lists_applied(empty_db: ScratchDatabase) -> None:
-    first = run_cli(empty_db, "migrate", "--json")
-    second = run_cli(empty_db, "migrate", "--json")
+    first = empty_db.run_cli("migrate", "--json")
+    second = empty_db.run_cli("migrate", "--json")
 
     assert first.returncode == 0, first.stderr
     assert [m["version"] for m in json.loads(first.stdout)["applied"]] == [1, 2, 3]

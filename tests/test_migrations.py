@@ -37,18 +37,6 @@ def table_exists(conn: psycopg.Connection[Any], name: str) -> bool:
     return bool(row and row[0])
 
 
-def run_cli(
-    db: ScratchDatabase, *args: str, **env: str
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mcp_authdb", *args],
-        env=db.env(**env),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def test_migrate_fresh_applies_all(empty_db: ScratchDatabase) -> None:
     with empty_db.connect() as conn:
         applied = migrate(conn)
@@ -89,7 +77,7 @@ def test_dry_run_writes_nothing(empty_db: ScratchDatabase) -> None:
 
 
 def test_dry_run_cli_prints_sql(empty_db: ScratchDatabase) -> None:
-    result = run_cli(empty_db, "migrate", "--dry-run")
+    result = empty_db.run_cli("migrate", "--dry-run")
 
     assert result.returncode == 0, result.stderr
     assert "-- 0001_user_sessions.sql" in result.stdout
@@ -209,7 +197,7 @@ def test_changed_file_is_named(db: ScratchDatabase) -> None:
         with pytest.raises(MigrationError, match="has changed since it was applied"):
             read_status(conn)
 
-    result = run_cli(db, "migrate")
+    result = db.run_cli("migrate")
     assert result.returncode == 2
     assert "0001_user_sessions.sql" in result.stderr
 
@@ -224,7 +212,7 @@ def test_newer_migration_is_reported(db: ScratchDatabase) -> None:
 
     assert [row.version for row in status.unknown] == [9999]
     assert status.is_current
-    result = run_cli(db, "status", "--json")
+    result = db.run_cli("status", "--json")
     assert result.returncode == 0, result.stderr
     states = {
         row["version"]: row["state"] for row in json.loads(result.stdout)["migrations"]
@@ -244,9 +232,9 @@ def test_lock_timeout_names_the_wait(empty_db: ScratchDatabase) -> None:
 
 
 def test_status_lists_pending_then_applied(empty_db: ScratchDatabase) -> None:
-    before = run_cli(empty_db, "status", "--json")
-    migrated = run_cli(empty_db, "migrate")
-    after = run_cli(empty_db, "status")
+    before = empty_db.run_cli("status", "--json")
+    migrated = empty_db.run_cli("migrate")
+    after = empty_db.run_cli("status")
 
     assert before.returncode == 0, before.stderr
     report = json.loads(before.stdout)

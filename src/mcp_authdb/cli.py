@@ -24,14 +24,17 @@ from mcp_authdb.db.settings import parse_whole_number
 from mcp_authdb.db.verify import verify_schema
 from mcp_authdb.errors import AuthDBError, ConfigurationError
 from mcp_authdb.sql import Migration
-from mcp_authdb.store.cleanup import CleanupProgress, delete_expired_sessions
+from mcp_authdb.store.cleanup import (
+    DEFAULT_BATCH_SIZE,
+    CleanupProgress,
+    delete_expired_sessions,
+)
 
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_DIFFERENCES = 1
 EXIT_ERROR = 2
-DEFAULT_BATCH_SIZE = 1000
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 

@@ -1,0 +1,244 @@
+"""Writing user_sessions rows, with every value checked before it is sent.
+
+A *user session* is a row of ``user_sessions``: who is signed in, until when,
+with which scopes. It is not an MCP transport session (``Mcp-Session-Id``).
+
+The validators raise :class:`~mcp_authdb.errors.InvalidValueError` naming the
+field, what is wrong with the value and the limit, so that bad input fails
+before it reaches the database and nothing is written. The messages never
+contain a token hash.
+
+Timestamps: naive datetimes are rejected, because PostgreSQL would read them
+in the connection's ``TimeZone``. Aware datetimes are stored as the same
+instant, whatever the connection's ``TimeZone``; PostgreSQL keeps
+``timestamp with time zone`` in UTC with microsecond precision, which is also
+Python's precision, so a value reads back equal to the one written.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+
+from mcp_authdb.errors import DatabaseError, InvalidValueError
+
+logger = logging.getLogger(__name__)
+
+# The varchar lengths of user_sessions. PostgreSQL counts varchar lengths in
+# characters, not bytes, as Python's len() does on a str. A test compares
+# these with the live columns.
+USER_ID_MAX_LENGTH = 255
+TOKEN_HASH_MAX_LENGTH = 255
+SUBSCRIPTION_LEVEL_MAX_LENGTH = 50
+
+DEFAULT_SUBSCRIPTION_LEVEL = "free"
+
+# scope-token of RFC 6749, section 3.3: printable ASCII except space, '"' and
+# '\'. Scopes travel as one space-separated string, so a scope containing a
+# space could not be read back as the same list.
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+
+# How much of a rejected value an error message shows.
+_PREVIEW_LENGTH = 40
+
+_INSERT_SESSION = """
+INSERT INTO user_sessions (
+    user_id, access_token_hash, refresh_token_hash, expires_at, scope,
+    subscription_level
+)
+VALUES (%s, %s, %s, %s, %s::text[], %s)
+RETURNING id
+"""
+
+
+def insert_session(
+    conn: psycopg.Connection[Any],
+    *,
+    user_id: str,
+    access_token_hash: str,
+    refresh_token_hash: str,
+    expires_at: datetime,
+    scope: Iterable[str] = (),
+    subscription_level: str = DEFAULT_SUBSCRIPTION_LEVEL,
+) -> int:
+    """Insert one row into user_sessions and return its id.
+
+    Every value is checked first: invalid input raises
+    :class:`InvalidValueError` and sends nothing. The INSERT runs in the
+    connection's current transaction, and committing it is the caller's job.
+    A duplicate token hash raises :class:`DatabaseError` with SQLSTATE 23505
+    and the unique index's name in ``constraint_name``.
+    """
+    validate_user_id(user_id)
+    validate_token_hash("access_token_hash", access_token_hash)
+    validate_token_hash("refresh_token_hash", refresh_token_hash)
+    validate_expires_at(expires_at)
+    scopes = validate_scope(scope)
+    validate_subscription_level(subscription_level)
+
+    params = (
+        user_id,
+        access_token_hash,
+        refresh_token_hash,
+        expires_at,
+        scopes,
+        subscription_level,
+    )
+    try:
+        row = conn.execute(_INSERT_SESSION, params).fetchone()
+    except psycopg.IntegrityError as exc:
+        # The driver's message detail repeats the key, which is a token hash,
+        # so only the primary message is kept, and the original error is
+        # dropped from the chain so that no traceback prints it.
+        detail = exc.diag.message_primary or type(exc).__name__
+        hint = "check the values against the schema"
+        if isinstance(exc, psycopg.errors.UniqueViolation):
+            hint = "each token hash may belong to one session only, so hash a new token"
+        raise DatabaseError(
+            f"could not insert a session for user {_preview(user_id)}: {detail} "
+            f"(SQLSTATE {exc.sqlstate}); {hint}",
+            sqlstate=exc.sqlstate,
+            constraint_name=exc.diag.constraint_name,
+        ) from None
+
+    if row is None:
+        raise DatabaseError("INSERT INTO user_sessions returned no id")
+    session_id = int(row[0])
+    logger.debug(
+        "inserted session %d for user %s",
+        session_id,
+        _preview(user_id),
+        extra={"action": "sessions.insert", "session_id": session_id},
+    )
+    return session_id
+
+
+def validate_user_id(value: object) -> None:
+    """Raise InvalidValueError unless ``value`` fits ``user_sessions.user_id``."""
+    _validate_text("user_id", value, max_length=USER_ID_MAX_LENGTH, secret=False)
+
+
+def validate_token_hash(field: str, value: object) -> None:
+    """Raise InvalidValueError unless ``value`` fits a token hash column.
+
+    ``field`` names the column in the message. The message never shows the
+    value, only its length or the position of the bad character.
+    """
+    _validate_text(field, value, max_length=TOKEN_HASH_MAX_LENGTH, secret=True)
+
+
+def validate_subscription_level(value: object) -> None:
+    """Raise InvalidValueError unless ``value`` fits ``subscription_level``."""
+    _validate_text(
+        "subscription_level",
+        value,
+        max_length=SUBSCRIPTION_LEVEL_MAX_LENGTH,
+        secret=False,
+    )
+
+
+def validate_scope(value: object) -> list[str]:
+    """Return the scopes as a list, or raise InvalidValueError.
+
+    ``value`` must be an iterable of strings, not one string, and each scope
+    must be an RFC 6749 scope-token: one or more printable ASCII characters
+    other than space, '"' and '\\'.
+    """
+    if isinstance(value, str | bytes | bytearray):
+        raise InvalidValueError(
+            f"scope is a single {type(value).__name__}, {_preview(value)}; pass a "
+            "list of scopes, for example ['content:read']"
+        )
+    if not isinstance(value, Iterable):
+        raise InvalidValueError(
+            f"scope is a {type(value).__name__}, not a list of strings; pass a "
+            "list of scopes, for example ['content:read']"
+        )
+
+    scopes = list(value)
+    for index, item in enumerate(scopes):
+        field = f"scope[{index}]"
+        text = _validate_text(field, item, max_length=None, secret=False)
+        if not _SCOPE_TOKEN.fullmatch(text):
+            raise InvalidValueError(
+                f"{field} is {_preview(text)}, which is not an OAuth scope: a scope "
+                "is printable ASCII with no space, '\"' or '\\' (RFC 6749, "
+                "section 3.3)"
+            )
+    return scopes
+
+
+def validate_expires_at(value: object) -> None:
+    """Raise InvalidValueError unless ``value`` is an aware datetime.
+
+    Naive datetimes are rejected because PostgreSQL would read them in the
+    connection's ``TimeZone``. The instant must also fall within Python's
+    datetime range in UTC, so that the stored value can be read back.
+    """
+    if not isinstance(value, datetime):
+        raise InvalidValueError(
+            f"expires_at is a {type(value).__name__}, not a datetime; pass an "
+            "aware datetime, for example datetime.now(UTC) + timedelta(hours=1)"
+        )
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidValueError(
+            f"expires_at {value.isoformat()} is a naive datetime, with no time "
+            "zone; PostgreSQL would read it in the connection's TimeZone. Pass "
+            "an aware datetime, for example datetime.now(UTC)"
+        )
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise InvalidValueError(
+            f"expires_at {value.isoformat()} is outside the years 1 to 9999 in "
+            "UTC, which Python cannot read back; pass an earlier or later instant"
+        ) from None
+
+
+def _validate_text(
+    field: str, value: object, *, max_length: int | None, secret: bool
+) -> str:
+    """Return ``value`` if it is text PostgreSQL can store in ``field``.
+
+    ``secret`` values are described by length and position only.
+    """
+    if not isinstance(value, str):
+        raise InvalidValueError(
+            f"{field} is a {type(value).__name__}, not a str; pass text"
+        )
+    if value == "":
+        raise InvalidValueError(f"{field} is empty; it needs at least 1 character")
+    if max_length is not None and len(value) > max_length:
+        preview = "" if secret else f" ({_preview(value)})"
+        raise InvalidValueError(
+            f"{field}{preview} is {len(value)} characters long, over the maximum "
+            f"of {max_length}; shorten it"
+        )
+
+    nul = value.find("\x00")
+    if nul >= 0:
+        raise InvalidValueError(
+            f"{field} contains a NUL character (\\x00) at index {nul}, which "
+            "PostgreSQL text cannot store; remove it"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidValueError(
+            f"{field} contains a lone surrogate at index {exc.start}, which is "
+            "not a Unicode character and cannot be encoded in UTF-8; decode the "
+            "source text correctly"
+        ) from None
+    return value
+
+
+def _preview(value: str | bytes | bytearray) -> str:
+    """Return ``repr(value)``, cut to a length fit for a message."""
+    if len(value) <= _PREVIEW_LENGTH:
+        return repr(value)
+    return f"{value[:_PREVIEW_LENGTH]!r}..."
