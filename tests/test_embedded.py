@@ -154,15 +154,23 @@ def test_folder_modes_unchanged(base_dir: Path) -> None:
     parent.mkdir(mode=0o711)
     parent.chmod(0o711)
     data_dir = parent / "data"
+    # The command's own temporary folder: anything it would leave in the
+    # shared one, such as a lock file, shows up here.
+    temp_dir = base_dir / "tmp"
+    temp_dir.mkdir()
     modes_before = modes_of(parent)
-    temp_before = set(os.listdir(tempfile.gettempdir()))
 
-    result = run_cli(data_dir, "migrate")
+    result = subprocess.run(
+        [sys.executable, "-m", "mcp_authdb", "migrate"],
+        env={**cli_env(data_dir), "TMPDIR": str(temp_dir)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
     assert result.returncode == 0, result.stderr
     assert modes_of(parent) == modes_before
-    new_in_temp = set(os.listdir(tempfile.gettempdir())) - temp_before
-    assert not [name for name in new_in_temp if not name.startswith("pytest-")]
+    assert list(temp_dir.iterdir()) == []
 
 
 def test_root_rejects_unreachable_folder(base_dir: Path) -> None:
