@@ -152,13 +152,7 @@ def run_migrate(args: argparse.Namespace, settings: Settings) -> int:
             _print_dry_run(args.json, target, pending)
             return EXIT_OK
 
-        applied = migrate(
-            conn,
-            lock_timeout_s=args.lock_timeout,
-            on_apply=lambda m: logger.info(
-                "applying %s", m.filename, extra={"action": "cli.migrate"}
-            ),
-        )
+        applied = migrate(conn, lock_timeout_s=args.lock_timeout)
         status = read_status(conn)
 
     if args.json:

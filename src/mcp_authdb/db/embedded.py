@@ -13,8 +13,8 @@ Layout of the data folder (``MCP_AUTHDB_DATA_DIR``)::
     lock        serializes start, stop and the lease files
     engine-*/   root only: a copy of the binaries the server's user can read
 
-The server listens on its Unix socket only (no TCP, so no SSL) and trusts
-local connections; the socket folder's mode keeps other users out. Each
+The server listens on its Unix socket only, so SSL does not apply, and it
+trusts local connections; the socket folder's mode keeps other users out. Each
 process that uses the server holds a lease; the last one to leave stops the
 server with a fast shutdown, and a process that died without leaving is
 noticed by the next one.
@@ -58,8 +58,6 @@ WHEEL_INSTALL_DIR = "pginstall18"
 START_TIMEOUT_S = 60
 # sockaddr_un.sun_path on Linux: 108 bytes with the terminating NUL.
 MAX_SOCKET_PATH = 107
-
-_no_ssl_logged = False
 
 
 def default_data_dir() -> Path:
@@ -324,7 +322,6 @@ class EmbeddedServer:
             self._ensure_database(cluster)
             self._lease = self._write_lease()
         self._cluster = cluster
-        _log_no_ssl()
         logger.info(
             "embedded PostgreSQL in %s (%s)",
             self.data_dir,
@@ -557,14 +554,3 @@ def ensure_system_user(name: str) -> ServerUser:
     if user is None:
         raise EmbeddedServerError(f"useradd succeeded but user {name} is not found")
     return user
-
-
-def _log_no_ssl() -> None:
-    global _no_ssl_logged
-    if not _no_ssl_logged:
-        _no_ssl_logged = True
-        logger.info(
-            "the embedded PostgreSQL listens on a Unix socket only and has no SSL; "
-            "DB_SSL_MODE applies to TCP connections only",
-            extra={"action": "embedded.no_ssl"},
-        )

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -78,13 +77,12 @@ def migrate(
     *,
     dry_run: bool = False,
     lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
-    on_apply: Callable[[Migration], None] | None = None,
 ) -> list[Migration]:
     """Apply the pending migrations in order and return them.
 
     ``conn`` must not be inside a transaction; it is switched to autocommit.
     With ``dry_run`` nothing is written and the pending migrations are
-    returned. ``on_apply`` is called before each migration runs.
+    returned.
     """
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         raise MigrationError(
@@ -100,8 +98,6 @@ def migrate(
         conn.execute(_CREATE_LEDGER)
         status = read_status(conn)
         for migration in status.pending:
-            if on_apply is not None:
-                on_apply(migration)
             _apply(conn, migration)
         return status.pending
     finally:
