@@ -9,9 +9,11 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from psycopg import sql
 
 from conftest import ScratchDatabase
 
@@ -191,3 +193,70 @@ def test_psql_calls_spec_function(db: ScratchDatabase) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "3"
     assert count_sessions(db) == 2
+
+
+@pytest.fixture
+def limited_role(db: ScratchDatabase) -> Iterator[str]:
+    """A role that may read the ledger but create nothing, set at connection start."""
+    role = f"limited_{db.name}"
+    with db.connect(autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
+        conn.execute(
+            sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(sql.Identifier(role))
+        )
+        conn.execute(
+            sql.SQL("GRANT SELECT ON mcp_authdb_migrations TO {}").format(
+                sql.Identifier(role)
+            )
+        )
+    try:
+        yield role
+    finally:
+        with db.connect(autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_migrate_current_needs_no_create(
+    db: ScratchDatabase, limited_role: str
+) -> None:
+    url = db.url + f" options='-c role={limited_role}'"
+
+    result = db.run_cli("migrate", DATABASE_URL=url)
+
+    assert result.returncode == 0, result.stderr
+    assert "up to date" in result.stdout
+
+
+def test_migrate_without_privilege_exits_two(
+    db: ScratchDatabase, limited_role: str
+) -> None:
+    with db.connect(autocommit=True) as conn:
+        conn.execute("DELETE FROM mcp_authdb_migrations WHERE version = 3")
+    url = db.url + f" options='-c role={limited_role}'"
+
+    result = db.run_cli("migrate", DATABASE_URL=url)
+
+    assert result.returncode == 2
+    assert "SQLSTATE 42501" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_lock_timeout_must_be_finite(db: ScratchDatabase) -> None:
+    from_option = db.run_cli("migrate", "--lock-timeout", "nan")
+    from_env = db.run_cli("migrate", MCP_AUTHDB_LOCK_TIMEOUT="inf")
+
+    assert from_option.returncode == 2
+    assert "--lock-timeout" in from_option.stderr
+    assert from_env.returncode == 2
+    assert "MCP_AUTHDB_LOCK_TIMEOUT='inf'" in from_env.stderr
+
+
+def test_batch_size_rejects_out_of_range(db: ScratchDatabase) -> None:
+    huge = db.run_cli("cleanup", "--batch-size", "99999999999999999")
+    underscored = db.run_cli("cleanup", "--batch-size", "1_000")
+
+    assert huge.returncode == 2
+    assert "out of range" in huge.stderr
+    assert underscored.returncode == 2
+    assert "not a whole number" in underscored.stderr

@@ -191,7 +191,15 @@ def test_target_keeps_url_options() -> None:
 
 
 @pytest.mark.parametrize(
-    ("timeout_ms", "seconds"), [(1, "2"), (1999, "2"), (2500, "3"), (5000, "5")]
+    ("timeout_ms", "seconds"),
+    [
+        (1, "2"),
+        (1999, "2"),
+        (2500, "3"),
+        (5000, "5"),
+        (30_000, "30"),
+        (2_147_483_647, "30"),
+    ],
 )
 def test_target_connect_timeout(timeout_ms: int, seconds: str) -> None:
     params = target_params(

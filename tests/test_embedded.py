@@ -21,7 +21,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from mcp_authdb.db.embedded import EmbeddedServer
+from mcp_authdb.db.embedded import EmbeddedServer, _process_start_time
+from mcp_authdb.db.migrations import ADVISORY_LOCK_KEY
 
 pytestmark = pytest.mark.slow
 
@@ -227,3 +228,81 @@ def test_data_folder_of_other_user_is_rejected(base_dir: Path) -> None:
 
     assert result.returncode == 2
     assert "belongs to user id 65534" in result.stderr
+
+
+def test_leftover_partial_init_is_redone(base_dir: Path) -> None:
+    # What a process killed during initdb leaves behind.
+    data_dir = base_dir / "data"
+    data_dir.mkdir(mode=0o755)
+    (data_dir / "pgdata.partial").mkdir()
+    (data_dir / "pgdata.partial" / "PG_VERSION").write_text("18\n")
+
+    result = run_cli(data_dir, "migrate")
+
+    assert result.returncode == 0, result.stderr
+    assert (data_dir / "pgdata" / "PG_VERSION").is_file()
+    assert not (data_dir / "pgdata.partial").exists()
+
+
+def test_damaged_cluster_names_the_fix(base_dir: Path) -> None:
+    data_dir = base_dir / "data"
+    with (
+        EmbeddedServer(data_dir) as server,
+        psycopg.connect(server.conninfo, autocommit=True) as conn,
+    ):
+        conn.execute("DROP DATABASE postgres")
+
+    result = run_cli(data_dir, "status")
+
+    assert result.returncode == 2
+    assert "does not accept connections" in result.stderr
+    assert f"delete {data_dir}" in result.stderr
+    assert not server_runs(data_dir)
+
+
+def test_sigterm_releases_the_server(base_dir: Path) -> None:
+    data_dir = base_dir / "data"
+    with EmbeddedServer(data_dir) as server:
+        with psycopg.connect(server.conninfo, autocommit=True) as holder:
+            # The migrator waits for this lock, so it is busy when signalled.
+            holder.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
+            migrator = subprocess.Popen(
+                [sys.executable, "-m", "mcp_authdb", "migrate"],
+                env=cli_env(data_dir),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            assert migrator.stderr is not None
+            waited = ""
+            while "waiting" not in waited:
+                line = migrator.stderr.readline()
+                assert line, "the migrator ended before waiting for the lock"
+                waited += line
+            migrator.send_signal(signal.SIGTERM)
+            migrator.communicate(timeout=60)
+        leases = sorted(path.name for path in (data_dir / "leases").iterdir())
+
+    assert migrator.returncode == 128 + signal.SIGTERM
+    assert leases == [f"{os.getpid()}-{_process_start_time(os.getpid())}"]
+    assert not server_runs(data_dir)
+
+
+def test_embedded_user_must_exist(base_dir: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root runs the server as another user")
+    name = "mcp-authdb-no-such-user"
+
+    result = subprocess.run(
+        [sys.executable, "-m", "mcp_authdb", "status"],
+        env={**cli_env(base_dir / "data"), "MCP_AUTHDB_EMBEDDED_USER": name},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert result.returncode == 2
+    assert f"MCP_AUTHDB_EMBEDDED_USER={name!r} names no existing user" in (
+        result.stderr
+    )
+    assert subprocess.run(["id", name], capture_output=True).returncode != 0

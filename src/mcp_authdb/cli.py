@@ -10,11 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
+
+import psycopg
 
 from mcp_authdb import __version__
 from mcp_authdb.db import Settings, connect, open_target
@@ -26,6 +30,7 @@ from mcp_authdb.errors import AuthDBError, ConfigurationError
 from mcp_authdb.sql import Migration
 from mcp_authdb.store.cleanup import (
     DEFAULT_BATCH_SIZE,
+    MAX_BATCH_SIZE,
     CleanupProgress,
     delete_expired_sessions,
 )
@@ -40,6 +45,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return its exit code."""
+    _exit_on_termination()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -52,9 +58,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AuthDBError as exc:
         _print_error(exc)
         return EXIT_ERROR
+    except psycopg.Error as exc:
+        # Errors the library does not translate, such as a missing privilege.
+        detail = exc.diag.message_primary or str(exc)
+        print(
+            f"mcp-authdb: error: PostgreSQL rejected a statement: {detail} "
+            f"(SQLSTATE {exc.sqlstate}); check the role's privileges and "
+            "DB_COMMAND_TIMEOUT",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    except OSError as exc:
+        print(f"mcp-authdb: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("mcp-authdb: interrupted", file=sys.stderr)
         return 130
+
+
+def _exit_on_termination() -> None:
+    # SIGTERM and SIGHUP become SystemExit, so that the context managers run:
+    # they release the embedded server, which the last user stops.
+    def leave(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, leave)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cleanup_parser.add_argument(
         "--batch-size",
-        type=_positive_int("--batch-size"),
-        default=_env_int(
+        type=_batch_size("--batch-size"),
+        default=_env_batch_size(
             "MCP_AUTHDB_BATCH_SIZE", DEFAULT_BATCH_SIZE, "the rows per batch"
         ),
         metavar="ROWS",
@@ -376,29 +405,31 @@ def _env_number(name: str, default: float) -> float:
         raise ConfigurationError(
             f"{name}={text!r} is not a number; unset it to use {default:g}"
         ) from None
-    if value <= 0:
+    if not math.isfinite(value) or value <= 0:
         raise ConfigurationError(f"{name}={text!r} must be greater than 0")
     return value
 
 
-def _env_int(name: str, default: int, meaning: str) -> int:
+def _env_batch_size(name: str, default: int, meaning: str) -> int:
     text = os.environ.get(name, "").strip() or None
     value = parse_whole_number(name, text, default, meaning)
-    if value < 1:
-        raise ConfigurationError(f"{name}={text!r} must be at least 1")
+    if not 1 <= value <= MAX_BATCH_SIZE:
+        raise ConfigurationError(
+            f"{name}={text!r} is out of range; use 1 to {MAX_BATCH_SIZE}"
+        )
     return value
 
 
-def _positive_int(option: str) -> Callable[[str], int]:
+def _batch_size(option: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
+        # isdecimal() alone would accept digits of other scripts.
+        if not (text.isascii() and text.isdecimal()):
+            raise argparse.ArgumentTypeError(f"{option} {text!r} is not a whole number")
+        value = int(text)
+        if not 1 <= value <= MAX_BATCH_SIZE:
             raise argparse.ArgumentTypeError(
-                f"{option} {text!r} is not a whole number"
-            ) from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{option} {value} must be at least 1")
+                f"{option} {value} is out of range; use 1 to {MAX_BATCH_SIZE}"
+            )
         return value
 
     return parse
@@ -412,7 +443,7 @@ def _positive_float(option: str) -> Callable[[str], float]:
             raise argparse.ArgumentTypeError(
                 f"{option} {text!r} is not a number of seconds"
             ) from None
-        if value <= 0:
+        if not math.isfinite(value) or value <= 0:
             raise argparse.ArgumentTypeError(f"{option} {value:g} must be above 0")
         return value
 

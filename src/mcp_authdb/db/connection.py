@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 APPLICATION_NAME = "mcp-authdb"
 # psycopg, which enforces connect_timeout itself, raises shorter values to 2.
 MIN_CONNECT_TIMEOUT_S = 2
+# A long DB_COMMAND_TIMEOUT, raised for one large migration, must not make an
+# unreachable server hang the process for as long.
+MAX_CONNECT_TIMEOUT_S = 30
 
 # Parts of libpq's messages when the server's certificate fails verification.
 _CERTIFICATE_FAILURES = (
@@ -93,8 +96,9 @@ def resolve_target(url: str, settings: Settings) -> ConnectionTarget:
         ),
     }
     if "connect_timeout" not in params:
-        extra["connect_timeout"] = max(
-            MIN_CONNECT_TIMEOUT_S, math.ceil(settings.command_timeout_ms / 1000)
+        extra["connect_timeout"] = min(
+            MAX_CONNECT_TIMEOUT_S,
+            max(MIN_CONNECT_TIMEOUT_S, math.ceil(settings.command_timeout_ms / 1000)),
         )
     if "application_name" not in params:
         extra["application_name"] = APPLICATION_NAME

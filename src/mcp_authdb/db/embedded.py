@@ -171,12 +171,18 @@ class LocalCluster:
         return (self.pgdata / "PG_VERSION").is_file()
 
     def init(self) -> None:
-        """Create the cluster with ``initdb``: UTF-8, C locale, trust on the socket."""
-        self._prepare_private_folder(self.pgdata)
+        """Create the cluster with ``initdb``: UTF-8, C locale, trust on the socket.
+
+        initdb writes into a side folder that is renamed when it is done, so a
+        process killed halfway leaves no cluster that looks complete.
+        """
+        partial = self.pgdata.with_name(self.pgdata.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        self._prepare_private_folder(partial)
         self._run(
             "initdb",
             "--pgdata",
-            str(self.pgdata),
+            str(partial),
             "--username",
             SUPERUSER,
             "--auth",
@@ -187,6 +193,7 @@ class LocalCluster:
             "C",
             "--no-instructions",
         )
+        partial.rename(self.pgdata)
 
     def is_running(self) -> bool:
         # pg_ctl status exits with 0 when a server runs, 3 when none does.
@@ -319,7 +326,18 @@ class EmbeddedServer:
             if not cluster.is_running():
                 cluster.start()
                 started = True
-            self._ensure_database(cluster)
+            try:
+                self._ensure_database(cluster)
+            except psycopg.Error as exc:
+                if started:
+                    with contextlib.suppress(EmbeddedServerError):
+                        cluster.stop()
+                raise EmbeddedServerError(
+                    f"the embedded PostgreSQL in {self.data_dir} started but "
+                    f"does not accept connections: {exc}; if its data folder is "
+                    f"damaged and holds nothing to keep, delete {self.data_dir} "
+                    "and run the command again"
+                ) from exc
             self._lease = self._write_lease()
         self._cluster = cluster
         logger.info(
@@ -424,9 +442,7 @@ class EmbeddedServer:
         """
         if os.geteuid() != 0:
             return ServerUser.current()
-        user = ensure_system_user(
-            os.environ.get("MCP_AUTHDB_EMBEDDED_USER") or DEFAULT_SERVER_USER
-        )
+        user = _embedded_user()
         existing = self.data_dir
         while not existing.exists():
             existing = existing.parent
@@ -510,6 +526,30 @@ def _process_start_time(pid: int) -> str:
     # The command name in parentheses may contain spaces, so split after it.
     fields = stat_line.rpartition(")")[2].split()
     return fields[19] if len(fields) > 19 else ""
+
+
+def _embedded_user() -> ServerUser:
+    """Return the user that root runs the embedded server as.
+
+    Only the default user is added when missing: a name set in
+    ``MCP_AUTHDB_EMBEDDED_USER`` must exist, so a typo cannot add an account.
+    """
+    name = os.environ.get("MCP_AUTHDB_EMBEDDED_USER", "").strip()
+    if not name:
+        return ensure_system_user(DEFAULT_SERVER_USER)
+    user = ServerUser.lookup(name)
+    if user is None:
+        raise EmbeddedServerError(
+            f"MCP_AUTHDB_EMBEDDED_USER={name!r} names no existing user; create "
+            f"it, or unset the variable to use {DEFAULT_SERVER_USER}, which is "
+            "added when missing"
+        )
+    if user.uid == 0:
+        raise EmbeddedServerError(
+            f"MCP_AUTHDB_EMBEDDED_USER={name!r} is root, and PostgreSQL refuses "
+            "to run as root; name an unprivileged user"
+        )
+    return user
 
 
 def ensure_system_user(name: str) -> ServerUser:

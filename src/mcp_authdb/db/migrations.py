@@ -95,7 +95,10 @@ def migrate(
 
     _lock(conn, lock_timeout_s)
     try:
-        conn.execute(_CREATE_LEDGER)
+        # CREATE TABLE IF NOT EXISTS checks the CREATE privilege even when the
+        # table exists, so an up-to-date database must not need it.
+        if not _ledger_exists(conn):
+            conn.execute(_CREATE_LEDGER)
         status = read_status(conn)
         for migration in status.pending:
             _apply(conn, migration)
@@ -173,9 +176,13 @@ def _unlock(conn: psycopg.Connection[Any]) -> None:
         )
 
 
-def _read_ledger(conn: psycopg.Connection[Any]) -> list[AppliedMigration]:
+def _ledger_exists(conn: psycopg.Connection[Any]) -> bool:
     row = conn.execute("SELECT to_regclass(%s)", (LEDGER_TABLE,)).fetchone()
-    if row is None or row[0] is None:
+    return row is not None and row[0] is not None
+
+
+def _read_ledger(conn: psycopg.Connection[Any]) -> list[AppliedMigration]:
+    if not _ledger_exists(conn):
         return []
     rows = conn.execute(
         f"SELECT version, name, checksum, applied_at FROM {LEDGER_TABLE}"
