@@ -56,7 +56,6 @@ def test_reads_every_variable(tmp_path: Path) -> None:
 
 def test_blank_means_unset() -> None:
     names = [
-        "DATABASE_URL",
         "DB_SSL_MODE",
         "DB_CONNECTION_POOL_SIZE",
         "DB_COMMAND_TIMEOUT",
@@ -66,6 +65,11 @@ def test_blank_means_unset() -> None:
     settings = Settings.from_env(dict.fromkeys(names, "  "))
 
     assert settings == Settings()
+
+
+def test_blank_database_url_is_rejected() -> None:
+    with pytest.raises(ConfigurationError, match="DATABASE_URL is set but empty"):
+        Settings.from_env({"DATABASE_URL": "  "})
 
 
 def test_values_are_stripped() -> None:

@@ -121,10 +121,16 @@ def _apply(conn: psycopg.Connection[Any], migration: Migration) -> None:
             )
     except psycopg.Error as exc:
         detail = exc.diag.message_primary or str(exc)
+        hint = ""
+        if isinstance(exc, psycopg.errors.QueryCanceled):
+            hint = (
+                "; raise DB_COMMAND_TIMEOUT for this run, and look in "
+                "pg_stat_activity for a session holding a lock on the table"
+            )
         raise MigrationError.from_driver(
             f"migration {migration.filename} failed and was rolled back: "
             f"{detail} (SQLSTATE {exc.sqlstate}); the database is as it was "
-            "before this migration",
+            f"before this migration{hint}",
             exc,
         ) from exc
     logger.info(

@@ -263,10 +263,19 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read the settings from ``environ`` (default: ``os.environ``).
 
-        Empty variables count as unset. Raises :class:`ConfigurationError`
-        naming the variable and its value when one is invalid.
+        Empty variables count as unset, except ``DATABASE_URL``: set but
+        empty, it most likely comes from a secret that failed to render, and
+        falling back to the embedded development server would hide that.
+        Raises :class:`ConfigurationError` naming the variable and its value
+        when one is invalid.
         """
         env = os.environ if environ is None else environ
+        if "DATABASE_URL" in env and not env["DATABASE_URL"].strip():
+            raise ConfigurationError(
+                "DATABASE_URL is set but empty; set it to "
+                f"{URL_EXAMPLE}, or unset it to use the embedded development "
+                "server"
+            )
 
         def get(name: str) -> str | None:
             value = env.get(name, "").strip()
