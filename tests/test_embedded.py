@@ -306,3 +306,13 @@ def test_embedded_user_must_exist(base_dir: Path) -> None:
         result.stderr
     )
     assert subprocess.run(["id", name], capture_output=True).returncode != 0
+
+
+def test_long_socket_path_creates_nothing(base_dir: Path) -> None:
+    data_dir = base_dir / ("d" * 100) / "data"
+
+    result = run_cli(data_dir, "status")
+
+    assert result.returncode == 2
+    assert "longer than the 107 bytes" in result.stderr
+    assert not (base_dir / ("d" * 100)).exists()

@@ -58,6 +58,8 @@ WHEEL_INSTALL_DIR = "pginstall18"
 START_TIMEOUT_S = 60
 # sockaddr_un.sun_path on Linux: 108 bytes with the terminating NUL.
 MAX_SOCKET_PATH = 107
+# With no TCP listener, the port only names the socket file.
+DEFAULT_PORT = 5432
 
 
 def default_data_dir() -> Path:
@@ -126,6 +128,17 @@ class ServerUser:
         return True
 
 
+def check_socket_path(socket_dir: Path, port: int) -> None:
+    """Raise EmbeddedServerError when the socket's path would be too long."""
+    socket_path = socket_dir / f".s.PGSQL.{port}"
+    if len(str(socket_path).encode()) > MAX_SOCKET_PATH:
+        raise EmbeddedServerError(
+            f"the socket path {socket_path} is longer than the "
+            f"{MAX_SOCKET_PATH} bytes Unix sockets allow; choose a shorter "
+            "data folder (MCP_AUTHDB_DATA_DIR)"
+        )
+
+
 class LocalCluster:
     """A PostgreSQL cluster in a folder, run with ``pg_ctl`` as ``user``.
 
@@ -141,7 +154,7 @@ class LocalCluster:
         socket_dir: Path,
         *,
         user: ServerUser,
-        port: int = 5432,
+        port: int = DEFAULT_PORT,
         settings: dict[str, str] | None = None,
     ) -> None:
         self.bin_dir = bin_dir
@@ -155,13 +168,7 @@ class LocalCluster:
             "unix_socket_permissions": "0700",
             **(settings or {}),
         }
-        socket_path = socket_dir / f".s.PGSQL.{port}"
-        if len(str(socket_path).encode()) > MAX_SOCKET_PATH:
-            raise EmbeddedServerError(
-                f"the socket path {socket_path} is longer than the "
-                f"{MAX_SOCKET_PATH} bytes Unix sockets allow; choose a shorter "
-                "data folder (MCP_AUTHDB_DATA_DIR)"
-            )
+        check_socket_path(socket_dir, port)
 
     @property
     def log_file(self) -> Path:
@@ -319,6 +326,8 @@ class EmbeddedServer:
         """Start the server unless it runs, and record this process as a user."""
         if self._lease is not None:
             return
+        # Checked before anything is created, like the folder's reachability.
+        check_socket_path(self.data_dir / "run", DEFAULT_PORT)
         user = self._server_user()
         with self._locked():
             cluster = self._prepare(user)

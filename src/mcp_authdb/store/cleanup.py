@@ -184,6 +184,11 @@ class _BatchLoop:
         hint = "run the cleanup again"
         if isinstance(exc, psycopg.errors.UndefinedFunction):
             hint = "apply the migrations first, with `mcp-authdb migrate`"
+        elif isinstance(exc, psycopg.errors.InsufficientPrivilege):
+            hint = (
+                "run it as a role that may DELETE from user_sessions and "
+                "execute cleanup_expired_sessions_batch"
+            )
         elif isinstance(exc, psycopg.errors.QueryCanceled):
             hint = (
                 "lower batch_size so that one batch fits in the statement "
