@@ -107,7 +107,7 @@ def test_cleanup_on_terminal_shows_progress(db: ScratchDatabase) -> None:
         stdout, _ = process.communicate(timeout=120)
         os.close(terminal)
         terminal = -1
-        shown = b""
+        terminal_output = b""
         while True:
             try:
                 chunk = os.read(controller, 4096)
@@ -115,7 +115,7 @@ def test_cleanup_on_terminal_shows_progress(db: ScratchDatabase) -> None:
                 break
             if not chunk:
                 break
-            shown += chunk
+            terminal_output += chunk
     finally:
         os.close(controller)
         if terminal >= 0:
@@ -123,8 +123,8 @@ def test_cleanup_on_terminal_shows_progress(db: ScratchDatabase) -> None:
 
     assert process.returncode == 0
     assert "deleted 30 expired session(s)" in stdout
-    assert b"rows/s" in shown
-    assert b"deleted 30 expired sessions" in shown
+    assert b"rows/s" in terminal_output
+    assert b"deleted 30 expired sessions" in terminal_output
 
 
 def test_bad_batch_size_names_value(db: ScratchDatabase) -> None:

@@ -1,7 +1,7 @@
 """The embedded development server: start on demand, sharing, stop, folder modes.
 
-These tests run whatever DATABASE_URL says, because the embedded server is
-what the command line uses when it is unset.
+These tests ignore DATABASE_URL, because the command line uses the embedded
+server exactly when it is unset.
 """
 
 from __future__ import annotations

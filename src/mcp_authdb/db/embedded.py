@@ -13,8 +13,8 @@ Layout of the data folder (``MCP_AUTHDB_DATA_DIR``)::
     lock        serializes start, stop and the lease files
     engine-*/   root only: a copy of the binaries the server's user can read
 
-The server listens on its Unix socket only, so SSL does not apply, and it
-trusts local connections; the socket folder's mode keeps other users out. Each
+The server listens on its Unix socket only, so SSL does not apply. It trusts
+local connections, because the socket folder's mode keeps other users out. Each
 process that uses the server holds a lease; the last one to leave stops the
 server with a fast shutdown, and a process that died without leaving is
 noticed by the next one.

@@ -318,7 +318,7 @@ def _build_expected_schema(
         ) from exc
 
     conn.execute("SELECT set_config('search_path', quote_ident(%s), true)", (scratch,))
-    # Sent as one simple query with no parameters, because the file holds
+    # Sent as one simple query with no parameters, because the file contains
     # several statements, as the migration runner sends a migration.
     conn.execute(load_schema().encode())
     logger.debug(
