@@ -284,7 +284,8 @@ def test_sigterm_releases_the_server(base_dir: Path) -> None:
         leases = sorted(path.name for path in (data_dir / "leases").iterdir())
 
     assert migrator.returncode == 128 + signal.SIGTERM
-    assert leases == [f"{os.getpid()}-{_process_start_time(os.getpid())}"]
+    assert len(leases) == 1
+    assert leases[0].startswith(f"{os.getpid()}-{_process_start_time(os.getpid())}-")
     assert not server_runs(data_dir)
 
 
@@ -316,3 +317,42 @@ def test_long_socket_path_creates_nothing(base_dir: Path) -> None:
     assert result.returncode == 2
     assert "longer than the 107 bytes" in result.stderr
     assert not (base_dir / ("d" * 100)).exists()
+
+
+def test_two_servers_in_one_process(base_dir: Path) -> None:
+    data_dir = base_dir / "data"
+    first = EmbeddedServer(data_dir)
+    second = EmbeddedServer(data_dir)
+    first.acquire()
+    second.acquire()
+    try:
+        first.release()
+        with psycopg.connect(second.conninfo) as conn:
+            answer = conn.execute("SELECT 1").fetchone()
+    finally:
+        second.release()
+
+    assert answer == (1,)
+    assert not server_runs(data_dir)
+
+
+def test_settings_survive_plain_start(base_dir: Path) -> None:
+    data_dir = base_dir / "data"
+    with EmbeddedServer(data_dir) as server:
+        config = (server.cluster.pgdata / "mcp_authdb.conf").read_text()
+        hba = (server.cluster.pgdata / "pg_hba.conf").read_text()
+
+    assert "listen_addresses = ''" in config
+    assert "unix_socket_permissions = 0700" in config
+    host_lines = [line.split() for line in hba.splitlines() if line.startswith("host")]
+    assert host_lines
+    assert {fields[-1] for fields in host_lines} == {"reject"}
+
+
+def test_data_folder_with_space_and_quote(base_dir: Path) -> None:
+    data_dir = base_dir / "it's a folder" / "data"
+
+    result = run_cli(data_dir, "migrate")
+
+    assert result.returncode == 0, result.stderr
+    assert not server_runs(data_dir)

@@ -40,10 +40,12 @@ import pwd
 import shutil
 import stat
 import subprocess
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 
 from mcp_authdb.errors import EmbeddedServerError
 
@@ -58,6 +60,9 @@ WHEEL_INSTALL_DIR = "pginstall18"
 START_TIMEOUT_S = 60
 # sockaddr_un.sun_path on Linux: 108 bytes with the terminating NUL.
 MAX_SOCKET_PATH = 107
+# The file that holds the server's settings, included by postgresql.conf.
+CONFIG_FILE = "mcp_authdb.conf"
+LOG_TAIL_BYTES = 64 * 1024
 # With no TCP listener, the port only names the socket file.
 DEFAULT_PORT = 5432
 
@@ -128,6 +133,11 @@ class ServerUser:
         return True
 
 
+def _config_string(value: str) -> str:
+    """Quote ``value`` as a postgresql.conf string."""
+    return "'" + value.replace("'", "''") + "'"
+
+
 def check_socket_path(socket_dir: Path, port: int) -> None:
     """Raise EmbeddedServerError when the socket's path would be too long."""
     socket_path = socket_dir / f".s.PGSQL.{port}"
@@ -164,7 +174,8 @@ class LocalCluster:
         self.port = port
         self.settings = {
             "listen_addresses": "''",
-            "unix_socket_directories": f"'{socket_dir}'",
+            "port": str(port),
+            "unix_socket_directories": _config_string(str(socket_dir)),
             "unix_socket_permissions": "0700",
             **(settings or {}),
         }
@@ -192,14 +203,20 @@ class LocalCluster:
             str(partial),
             "--username",
             SUPERUSER,
-            "--auth",
+            # Trust on the socket, whose folder only the server's user may
+            # enter; TCP is rejected even if a later start listens on it.
+            "--auth-local",
             "trust",
+            "--auth-host",
+            "reject",
             "--encoding",
             "UTF8",
             "--locale",
             "C",
             "--no-instructions",
         )
+        with open(partial / "postgresql.conf", "a") as config:
+            config.write(f"\ninclude_if_exists = '{CONFIG_FILE}'\n")
         partial.rename(self.pgdata)
 
     def is_running(self) -> bool:
@@ -210,11 +227,19 @@ class LocalCluster:
         return result.returncode == 0
 
     def start(self) -> None:
-        """Start the server and wait until it accepts connections."""
+        """Start the server and wait until it accepts connections.
+
+        The settings go into a file that postgresql.conf includes, rather than
+        onto pg_ctl's command line, which a shell reads. So a later start by
+        hand, with plain ``pg_ctl start``, keeps them too.
+        """
         self._prepare_private_folder(self.socket_dir)
-        options = " ".join(
-            f"-c {name}={value}" for name, value in self.settings.items()
+        config = self.pgdata / CONFIG_FILE
+        config.write_text(
+            "".join(f"{name} = {value}\n" for name, value in self.settings.items())
         )
+        if os.geteuid() == 0 and self.user.uid != 0:
+            os.chown(config, self.user.uid, self.user.gid)
         self._run(
             "pg_ctl",
             "start",
@@ -225,8 +250,6 @@ class LocalCluster:
             "--wait",
             "--timeout",
             str(START_TIMEOUT_S),
-            "-o",
-            f"-p {self.port} {options}",
         )
 
     def stop(self, mode: str = "fast") -> None:
@@ -244,8 +267,8 @@ class LocalCluster:
         )
 
     def conninfo(self, dbname: str = DATABASE_NAME) -> str:
-        return (
-            f"host={self.socket_dir} port={self.port} dbname={dbname} user={SUPERUSER}"
+        return make_conninfo(
+            host=str(self.socket_dir), port=self.port, dbname=dbname, user=SUPERUSER
         )
 
     def _prepare_private_folder(self, folder: Path) -> None:
@@ -287,10 +310,17 @@ class LocalCluster:
         return result
 
     def _log_tail(self, lines: int = 10) -> str:
+        # The log sits in a folder the server's user owns, so as root it is
+        # opened without following links and only its last bytes are read.
         try:
-            text = self.log_file.read_text(errors="replace")
+            fd = os.open(self.log_file, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
             return ""
+        with os.fdopen(fd, "rb") as log:
+            if not stat.S_ISREG(os.fstat(log.fileno()).st_mode):
+                return ""
+            log.seek(max(0, os.fstat(log.fileno()).st_size - LOG_TAIL_BYTES))
+            text = log.read().decode(errors="replace")
         return "\n".join(text.splitlines()[-lines:])
 
 
@@ -304,6 +334,7 @@ class EmbeddedServer:
     def __init__(self, data_dir: Path | None = None) -> None:
         self.data_dir = (data_dir or default_data_dir()).absolute()
         self._lease: Path | None = None
+        self._lease_pid = 0
         self._cluster: LocalCluster | None = None
 
     def __enter__(self) -> EmbeddedServer:
@@ -357,8 +388,11 @@ class EmbeddedServer:
         )
 
     def release(self) -> None:
-        """Drop this process's lease; stop the server if no other user is left."""
-        if self._lease is None:
+        """Drop this object's lease; stop the server if no other user is left.
+
+        A forked child does nothing here: the lease is its parent's.
+        """
+        if self._lease is None or self._lease_pid != os.getpid():
             return
         with self._locked():
             self._lease.unlink(missing_ok=True)
@@ -503,9 +537,13 @@ class EmbeddedServer:
                 conn.execute(f'CREATE DATABASE "{DATABASE_NAME}"')
 
     def _write_lease(self) -> Path:
+        # Named by pid, start time and a random part, so that several
+        # EmbeddedServer objects in one process each hold a lease of their own.
         leases = self.data_dir / "leases"
         leases.mkdir(mode=0o700, exist_ok=True)
-        lease = leases / f"{os.getpid()}-{_process_start_time(os.getpid())}"
+        pid = os.getpid()
+        self._lease_pid = pid
+        lease = leases / f"{pid}-{_process_start_time(pid)}-{uuid.uuid4().hex}"
         lease.touch()
         return lease
 
@@ -513,7 +551,10 @@ class EmbeddedServer:
         """Return the leases whose process still runs, deleting the others."""
         live = []
         for lease in (self.data_dir / "leases").glob("*-*"):
-            pid_text, _, started = lease.name.partition("-")
+            if not lease.is_file():
+                continue
+            pid_text, _, rest = lease.name.partition("-")
+            started = rest.partition("-")[0]
             pid = int(pid_text) if pid_text.isdigit() else -1
             if pid > 0 and _process_start_time(pid) == started:
                 live.append(lease)
