@@ -39,8 +39,10 @@ from mcp_authdb.errors import DatabaseError, InvalidValueError
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 5000
-# The SQL function takes an integer (int4) batch size.
-MAX_BATCH_SIZE = 2**31 - 1
+# One batch collects its rows' addresses in an array and holds their locks
+# until it commits, so a batch stays far below PostgreSQL's 1 GB array limit
+# and well inside the statement timeout.
+MAX_BATCH_SIZE = 1_000_000
 
 _DELETE_BATCH = "SELECT cleanup_expired_sessions_batch(%s)"
 
