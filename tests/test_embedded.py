@@ -356,3 +356,17 @@ def test_data_folder_with_space_and_quote(base_dir: Path) -> None:
 
     assert result.returncode == 0, result.stderr
     assert not server_runs(data_dir)
+
+
+def test_missing_include_line_is_restored(base_dir: Path) -> None:
+    data_dir = base_dir / "data"
+    with EmbeddedServer(data_dir) as server:
+        main_config = server.cluster.pgdata / "postgresql.conf"
+    lines = main_config.read_text().splitlines()
+    kept = [line for line in lines if not line.startswith("include_if_exists")]
+    main_config.write_text("\n".join(kept) + "\n")
+
+    result = run_cli(data_dir, "status")
+
+    assert result.returncode == 0, result.stderr
+    assert "include_if_exists = 'mcp_authdb.conf'" in main_config.read_text()

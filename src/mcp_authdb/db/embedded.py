@@ -215,8 +215,6 @@ class LocalCluster:
             "C",
             "--no-instructions",
         )
-        with open(partial / "postgresql.conf", "a") as config:
-            config.write(f"\ninclude_if_exists = '{CONFIG_FILE}'\n")
         partial.rename(self.pgdata)
 
     def is_running(self) -> bool:
@@ -234,6 +232,7 @@ class LocalCluster:
         hand, with plain ``pg_ctl start``, keeps them too.
         """
         self._prepare_private_folder(self.socket_dir)
+        self._include_config_file()
         config = self.pgdata / CONFIG_FILE
         config.write_text(
             "".join(f"{name} = {value}\n" for name, value in self.settings.items())
@@ -251,6 +250,15 @@ class LocalCluster:
             "--timeout",
             str(START_TIMEOUT_S),
         )
+
+    def _include_config_file(self) -> None:
+        # Checked at every start, not only after initdb, so that a cluster
+        # made without the line gets it before it starts with defaults.
+        include = f"include_if_exists = '{CONFIG_FILE}'"
+        main_config = self.pgdata / "postgresql.conf"
+        if include not in main_config.read_text().splitlines():
+            with open(main_config, "a") as config:
+                config.write(f"\n{include}\n")
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server; ``mode`` is pg_ctl's shutdown mode."""
