@@ -363,8 +363,10 @@ def test_missing_include_line_is_restored(base_dir: Path) -> None:
     with EmbeddedServer(data_dir) as server:
         main_config = server.cluster.pgdata / "postgresql.conf"
     lines = main_config.read_text().splitlines()
-    kept = [line for line in lines if not line.startswith("include_if_exists")]
-    main_config.write_text("\n".join(kept) + "\n")
+    without_include = [
+        line for line in lines if not line.startswith("include_if_exists")
+    ]
+    main_config.write_text("\n".join(without_include) + "\n")
 
     result = run_cli(data_dir, "status")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 
 from mcp_authdb.db.connection import ConnectionTarget, connect, resolve_target
@@ -11,8 +10,6 @@ from mcp_authdb.db.embedded import EmbeddedServer
 from mcp_authdb.db.settings import Settings
 
 __all__ = ["ConnectionTarget", "Settings", "connect", "open_target", "resolve_target"]
-
-logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager

@@ -9,15 +9,15 @@ Layout of the data folder (``MCP_AUTHDB_DATA_DIR``)::
 
     pgdata/     the cluster (PGDATA), owned by the server's user, mode 0700
     run/        the Unix socket, owned by the server's user, mode 0700
-    leases/     one file per process using the server
+    leases/     one file per EmbeddedServer in use, in any process
     lock        serializes start, stop and the lease files
     engine-*/   root only: a copy of the binaries the server's user can read
 
 The server listens on its Unix socket only, so SSL does not apply. It trusts
 local connections, because the socket folder's mode keeps other users out. Each
-process that uses the server holds a lease; the last one to leave stops the
-server with a fast shutdown, and a process that died without leaving is
-noticed by the next one.
+process that uses the server writes a lease file. The last one to leave
+stops the server with a fast shutdown. Leases of processes that died are
+deleted by the next process that leaves.
 
 PostgreSQL refuses to run as root. When the caller is root, the server runs
 as the system user ``MCP_AUTHDB_EMBEDDED_USER`` (``mcp-authdb``, added with
@@ -60,7 +60,7 @@ WHEEL_INSTALL_DIR = "pginstall18"
 START_TIMEOUT_S = 60
 # sockaddr_un.sun_path on Linux: 108 bytes with the terminating NUL.
 MAX_SOCKET_PATH = 107
-# The file that holds the server's settings, included by postgresql.conf.
+# The file that contains the server's settings, included by postgresql.conf.
 CONFIG_FILE = "mcp_authdb.conf"
 LOG_TAIL_BYTES = 64 * 1024
 # With no TCP listener, the port only names the socket file.
