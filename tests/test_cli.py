@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from psycopg import sql
 
+from mcp_authdb.sql import load_migrations
+
 from conftest import ScratchDatabase
 
 
@@ -173,7 +175,9 @@ def test_migrate_json_lists_applied(empty_db: ScratchDatabase) -> None:
     second = empty_db.run_cli("migrate", "--json")
 
     assert first.returncode == 0, first.stderr
-    assert [m["version"] for m in json.loads(first.stdout)["applied"]] == [1, 2, 3]
+    assert [m["version"] for m in json.loads(first.stdout)["applied"]] == [
+        m.version for m in load_migrations()
+    ]
     assert second.returncode == 0, second.stderr
     assert json.loads(second.stdout)["applied"] == []
     assert json.loads(second.stdout)["current"] is True

@@ -23,6 +23,7 @@ import pytest
 
 from mcp_authdb.db.embedded import EmbeddedServer, _process_start_time
 from mcp_authdb.db.migrations import ADVISORY_LOCK_KEY
+from mcp_authdb.sql import load_migrations
 
 pytestmark = pytest.mark.slow
 
@@ -213,7 +214,7 @@ def test_concurrent_commands_share_one_server(base_dir: Path) -> None:
         for stdout, _ in outputs
         for migration in json.loads(stdout)["applied"]
     )
-    assert applied == [1, 2, 3]
+    assert applied == [m.version for m in load_migrations()]
     assert not server_runs(data_dir)
 
 

@@ -198,6 +198,7 @@ def test_wrong_column_type(db: ScratchDatabase) -> None:
     differences = verify_after(
         db,
         """
+        DROP TRIGGER user_sessions_notify_update ON user_sessions;
         ALTER TABLE user_sessions
             ALTER COLUMN scope DROP DEFAULT,
             ALTER COLUMN scope TYPE text USING array_to_string(scope, ' '),
@@ -222,7 +223,16 @@ def test_wrong_column_type(db: ScratchDatabase) -> None:
         )
         in differences
     )
-    assert len(differences) == 2
+    # The change-notification trigger reads scope, so it had to go first.
+    assert (
+        Difference(
+            "missing",
+            "trigger user_sessions_notify_update on user_sessions",
+            "trigger user_sessions_notify_update on user_sessions is missing",
+        )
+        in differences
+    )
+    assert len(differences) == 3
 
 
 def test_unrelated_objects_ignored(db: ScratchDatabase) -> None:
@@ -252,16 +262,23 @@ def test_empty_database_lists_everything(empty_db: ScratchDatabase) -> None:
     objects = [difference.object for difference in differences]
     assert objects == [
         "table request_logs",
+        "index idx_request_logs_created_brin",
         "index idx_request_logs_user_created",
         "table user_sessions",
         "index idx_user_sessions_access_token_hash",
+        "index idx_user_sessions_ends",
         "index idx_user_sessions_expires",
+        "index idx_user_sessions_family_id",
         "index idx_user_sessions_refresh_token_hash",
         "index idx_user_sessions_user_id",
+        "trigger user_sessions_notify_delete on user_sessions",
+        "trigger user_sessions_notify_update on user_sessions",
         "trigger user_sessions_set_updated_at on user_sessions",
         "function cleanup_expired_sessions()",
         "function cleanup_expired_sessions_batch(integer)",
         "procedure cleanup_expired_sessions_in_batches(integer, bigint)",
+        "function cleanup_request_logs_batch(interval, integer)",
+        "function mcp_authdb_notify_session_change()",
         "function mcp_authdb_set_updated_at()",
     ]
     assert {difference.kind for difference in differences} == {"missing"}

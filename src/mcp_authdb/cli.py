@@ -24,7 +24,7 @@ from mcp_authdb import __version__
 from mcp_authdb.db import Settings, connect, open_target
 from mcp_authdb.db.connection import ConnectionTarget
 from mcp_authdb.db.migrations import DEFAULT_LOCK_TIMEOUT_S, migrate, read_status
-from mcp_authdb.db.settings import parse_whole_number
+from mcp_authdb.db.settings import parse_flag, parse_whole_number
 from mcp_authdb.db.verify import verify_schema
 from mcp_authdb.errors import AuthDBError, ConfigurationError
 from mcp_authdb.sql import Migration
@@ -376,12 +376,7 @@ def _configure_logging(level: str) -> None:
 
 
 def _env_flag(name: str) -> bool:
-    value = os.environ.get(name, "").strip().lower()
-    if value in ("", "0", "false", "no", "off"):
-        return False
-    if value in ("1", "true", "yes", "on"):
-        return True
-    raise ConfigurationError(f"{name}={value!r} is not a boolean; use 1 or 0")
+    return parse_flag(name, os.environ.get(name, "").strip() or None)
 
 
 def _env_choice(name: str, choices: Sequence[str], default: str) -> str:

@@ -7,7 +7,8 @@ turns a ``DATABASE_URL`` and the settings into a libpq conninfo string:
   ``sslmode`` is rejected rather than silently upgraded or downgraded.
 - Unix-socket connections stay local, where libpq does not use SSL.
 - ``statement_timeout`` is set at connection start from ``DB_COMMAND_TIMEOUT``,
-  so it bounds every statement, the first one included.
+  so it bounds every statement, the first one included. Behind a transaction
+  pooler (``DB_TRANSACTION_POOLER``) the pool sets it per transaction instead.
 - ``connect_timeout``, unless the URL sets it, is ``DB_COMMAND_TIMEOUT``
   rounded up to whole seconds, at least 2, so that a server that never
   responds gives an error instead of a hang.
@@ -89,12 +90,13 @@ def resolve_target(url: str, settings: Settings) -> ConnectionTarget:
         "hostaddr"
     )
 
-    extra: dict[str, Any] = {
-        "sslmode": ssl_mode,
-        "options": _with_statement_timeout(
+    extra: dict[str, Any] = {"sslmode": ssl_mode}
+    if not settings.transaction_pooler:
+        # A pooler in transaction mode refuses startup options; the pool sets
+        # the timeout in each transaction instead.
+        extra["options"] = _with_statement_timeout(
             params.get("options"), settings.command_timeout_ms
-        ),
-    }
+        )
     if "connect_timeout" not in params:
         extra["connect_timeout"] = min(
             MAX_CONNECT_TIMEOUT_S,

@@ -8,6 +8,10 @@ already sets them keeps working:
 - ``DB_SSL_MODE``: the weakest libpq ``sslmode`` allowed for TCP connections.
 - ``DB_CONNECTION_POOL_SIZE``: the maximum number of pooled connections.
 - ``DB_COMMAND_TIMEOUT``: the statement timeout, in milliseconds.
+- ``DB_TRANSACTION_POOLER``: ``true`` when ``DATABASE_URL`` points at a
+  pooler in transaction mode, such as PgBouncer; it turns off server-side
+  prepared statements and moves the statement timeout from the startup
+  parameters into each transaction.
 - ``MCP_AUTHDB_DATA_DIR``: the folder of the embedded server's data.
 
 Invalid values raise :class:`ConfigurationError` when the settings are built,
@@ -222,6 +226,7 @@ class Settings:
     pool_size: int = DEFAULT_POOL_SIZE
     command_timeout_ms: int = DEFAULT_COMMAND_TIMEOUT_MS
     data_dir: Path | None = None
+    transaction_pooler: bool = False
 
     def __post_init__(self) -> None:
         if self.ssl_mode not in SSL_MODES:
@@ -256,7 +261,8 @@ class Settings:
             f"Settings(database_url={url!r}, ssl_mode={self.ssl_mode!r}, "
             f"pool_size={self.pool_size}, "
             f"command_timeout_ms={self.command_timeout_ms}, "
-            f"data_dir={self.data_dir!r})"
+            f"data_dir={self.data_dir!r}, "
+            f"transaction_pooler={self.transaction_pooler})"
         )
 
     @classmethod
@@ -298,6 +304,9 @@ class Settings:
                 "the statement timeout in milliseconds",
             ),
             data_dir=Path(data_dir).expanduser() if data_dir else None,
+            transaction_pooler=parse_flag(
+                "DB_TRANSACTION_POOLER", get("DB_TRANSACTION_POOLER")
+            ),
         )
 
     def replace(self, **changes: object) -> Settings:
@@ -320,3 +329,21 @@ def parse_whole_number(name: str, value: str | None, default: int, meaning: str)
             f"or unset it to use {default}"
         )
     return int(value)
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def parse_flag(name: str, value: str | None, default: bool = False) -> bool:
+    """Parse the variable ``name`` as true or false; ``None`` gives ``default``."""
+    if value is None:
+        return default
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise ConfigurationError(
+        f"{name}={value!r} is neither true nor false; set it to one of "
+        f"{', '.join(_TRUE + _FALSE)}, or unset it to use {str(default).lower()}"
+    )

@@ -18,6 +18,11 @@ CREATE TABLE IF NOT EXISTS user_sessions (
     subscription_level varchar(50) NOT NULL DEFAULT 'free',
     created_at timestamp with time zone NOT NULL DEFAULT now(),
     updated_at timestamp with time zone NOT NULL DEFAULT now(),
+    family_id uuid,
+    refresh_expires_at timestamp with time zone,
+    rotated_at timestamp with time zone,
+    revoked_at timestamp with time zone,
+    last_used_at timestamp with time zone,
     CONSTRAINT user_sessions_user_id_not_empty CHECK (user_id <> ''),
     CONSTRAINT user_sessions_access_token_hash_not_empty
         CHECK (access_token_hash <> ''),
@@ -38,6 +43,13 @@ CREATE UNIQUE INDEX IF NOT EXISTS idx_user_sessions_access_token_hash
 
 CREATE UNIQUE INDEX IF NOT EXISTS idx_user_sessions_refresh_token_hash
     ON user_sessions (refresh_token_hash);
+
+CREATE INDEX IF NOT EXISTS idx_user_sessions_ends
+    ON user_sessions ((greatest(expires_at, refresh_expires_at)));
+
+CREATE INDEX IF NOT EXISTS idx_user_sessions_family_id
+    ON user_sessions (family_id)
+    WHERE family_id IS NOT NULL;
 
 CREATE OR REPLACE FUNCTION mcp_authdb_set_updated_at() RETURNS trigger
     LANGUAGE plpgsql
@@ -69,13 +81,17 @@ CREATE TABLE IF NOT EXISTS request_logs (
 CREATE INDEX IF NOT EXISTS idx_request_logs_user_created
     ON request_logs (user_id, created_at);
 
+CREATE INDEX IF NOT EXISTS idx_request_logs_created_brin
+    ON request_logs USING brin (created_at);
+
 CREATE OR REPLACE FUNCTION cleanup_expired_sessions() RETURNS bigint
     LANGUAGE plpgsql
     AS $function$
         DECLARE
             deleted bigint;
         BEGIN
-            DELETE FROM user_sessions WHERE expires_at < now();
+            DELETE FROM user_sessions
+            WHERE greatest(expires_at, refresh_expires_at) < now();
             GET DIAGNOSTICS deleted = ROW_COUNT;
             RETURN deleted;
         END
@@ -94,15 +110,14 @@ CREATE OR REPLACE FUNCTION cleanup_expired_sessions_batch(batch_size integer)
             END IF;
 
             -- The row addresses are collected first, so the DELETE is a TID
-            -- scan of exactly the locked rows. "id IN (subquery)" lets the
-            -- planner pick a hash join over a sequential scan of the whole
-            -- table for batches of a few thousand rows. The addresses stay
-            -- valid because this transaction holds the rows' locks.
+            -- scan of exactly the locked rows, found through
+            -- idx_user_sessions_ends. The addresses stay valid because this
+            -- transaction holds the rows' locks.
             DELETE FROM user_sessions
             WHERE ctid = ANY (ARRAY(
                 SELECT ctid FROM user_sessions
-                WHERE expires_at < now()
-                ORDER BY expires_at
+                WHERE greatest(expires_at, refresh_expires_at) < now()
+                ORDER BY greatest(expires_at, refresh_expires_at)
                 LIMIT batch_size
                 FOR UPDATE SKIP LOCKED
             ));
@@ -129,3 +144,65 @@ CREATE OR REPLACE PROCEDURE cleanup_expired_sessions_in_batches(
             END LOOP;
         END
         $function$;
+
+CREATE OR REPLACE FUNCTION cleanup_request_logs_batch(
+    retention interval,
+    batch_size integer
+)
+    RETURNS integer
+    LANGUAGE plpgsql
+    AS $function$
+        DECLARE
+            deleted integer;
+        BEGIN
+            IF retention IS NULL OR retention <= interval '0' THEN
+                RAISE EXCEPTION 'retention must be positive, got %', retention
+                    USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+            IF batch_size IS NULL OR batch_size < 1 THEN
+                RAISE EXCEPTION 'batch_size must be at least 1, got %', batch_size
+                    USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+
+            DELETE FROM request_logs
+            WHERE ctid = ANY (ARRAY(
+                SELECT ctid FROM request_logs
+                WHERE created_at < now() - retention
+                LIMIT batch_size
+                FOR UPDATE SKIP LOCKED
+            ));
+            GET DIAGNOSTICS deleted = ROW_COUNT;
+            RETURN deleted;
+        END
+        $function$;
+
+CREATE OR REPLACE FUNCTION mcp_authdb_notify_session_change() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $function$
+        BEGIN
+            PERFORM pg_notify('mcp_authdb_sessions', OLD.user_id);
+            IF TG_OP = 'UPDATE' AND NEW.user_id <> OLD.user_id THEN
+                PERFORM pg_notify('mcp_authdb_sessions', NEW.user_id);
+            END IF;
+            RETURN NULL;
+        END
+        $function$;
+
+CREATE OR REPLACE TRIGGER user_sessions_notify_update
+    AFTER UPDATE ON user_sessions
+    FOR EACH ROW
+    WHEN (
+        OLD.revoked_at IS DISTINCT FROM NEW.revoked_at
+        OR OLD.expires_at > NEW.expires_at
+        OR OLD.subscription_level <> NEW.subscription_level
+        OR OLD.scope <> NEW.scope
+        OR OLD.user_id <> NEW.user_id
+        OR OLD.access_token_hash <> NEW.access_token_hash
+    )
+    EXECUTE FUNCTION mcp_authdb_notify_session_change();
+
+CREATE OR REPLACE TRIGGER user_sessions_notify_delete
+    AFTER DELETE ON user_sessions
+    FOR EACH ROW
+    WHEN (OLD.expires_at > now() AND OLD.revoked_at IS NULL)
+    EXECUTE FUNCTION mcp_authdb_notify_session_change();
