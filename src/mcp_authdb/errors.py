@@ -71,3 +71,31 @@ class SchemaCheckError(DatabaseError):
     ``sqlstate`` is ``42501`` when the role may not create the scratch schema
     that the check builds and rolls back.
     """
+
+
+class InvalidGrantError(AuthDBError):
+    """A refresh token was not accepted, the OAuth error ``invalid_grant``.
+
+    ``reason`` is one of :data:`GRANT_REJECTIONS`: ``"unknown"`` (malformed,
+    or no session has it), ``"expired"``, ``"revoked"``, or ``"replayed"``
+    (used again after its rotation's grace window). A replay revokes the
+    token's whole family before this error is raised, and ``revoked`` counts
+    the rows it revoked. ``session_id`` is the id of the token's row, when
+    one was found. The message never contains the token.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str,
+        session_id: int | None = None,
+        revoked: int = 0,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.session_id = session_id
+        self.revoked = revoked
+
+
+GRANT_REJECTIONS = ("unknown", "expired", "revoked", "replayed")

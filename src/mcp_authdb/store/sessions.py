@@ -1,4 +1,4 @@
-"""Writing user_sessions rows, with every value checked before it is sent.
+"""User session rows: their Python types, input checks, and insert_session.
 
 A *user session* is a row of ``user_sessions``: who is signed in, until when,
 with which scopes. It is not an MCP transport session (``Mcp-Session-Id``).
@@ -17,10 +17,12 @@ Python's precision, so a value reads back equal to the one written.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
+import uuid
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -38,6 +40,13 @@ SUBSCRIPTION_LEVEL_MAX_LENGTH = 50
 
 DEFAULT_SUBSCRIPTION_LEVEL = "free"
 
+# The maximum token lifetime. Any bound far below the year 9999,
+# which is the end of Python's datetime range, would do: an expiry past it
+# could be stored but not read back.
+MAX_LIFETIME = timedelta(days=100 * 366)
+# The maximum number of sessions one listing returns.
+MAX_LIST_LIMIT = 10_000
+
 # scope-token of RFC 6749, section 3.3: printable ASCII except space, '"' and
 # '\'. Scopes travel as one space-separated string, so a scope containing a
 # space could not be read back as the same list.
@@ -54,6 +63,67 @@ INSERT INTO user_sessions (
 VALUES (%s, %s, %s, %s, %s::text[], %s)
 RETURNING id
 """
+
+
+@dataclasses.dataclass(frozen=True)
+class Session:
+    """One row of user_sessions, as the session store returns it.
+
+    ``session_id`` is the row's id. Rows with the same ``family_id`` descend
+    from one sign-in through refresh-token rotation, and a row written without
+    a family has None. ``expires_at`` is when the access token expires.
+    ``refresh_expires_at`` is when the refresh token expires, which is
+    ``expires_at`` for a row written without it. After the row's refresh
+    token was rotated, it is the end of the replay window instead.
+    ``last_used_at`` is when the access token was last validated, to within
+    the store's touch interval, or None if never. Every datetime is aware and
+    in UTC.
+    """
+
+    session_id: int
+    family_id: uuid.UUID | None
+    user_id: str
+    scopes: tuple[str, ...]
+    subscription_level: str
+    expires_at: datetime
+    refresh_expires_at: datetime
+    created_at: datetime
+    last_used_at: datetime | None
+
+
+@dataclasses.dataclass(frozen=True)
+class IssuedTokens:
+    """A new token pair and the session row that stores its hashes.
+
+    The tokens exist only here: the database stores their keyed hashes.
+    ``repr`` leaves both tokens out, so this object can be logged.
+    """
+
+    access_token: str = dataclasses.field(repr=False)
+    refresh_token: str = dataclasses.field(repr=False)
+    session: Session
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionStats:
+    """Counts of user_sessions rows by state, which add up to all rows.
+
+    ``live``: not revoked, and either the access token has not expired or
+    the refresh token has neither expired nor been rotated.
+    ``expired``: not revoked and not live. These are rows waiting for
+    cleanup, and rotated rows kept for replay detection after their access
+    token expired.
+    ``revoked``: revoked and not yet deleted by cleanup.
+    """
+
+    live: int
+    expired: int
+    revoked: int
+
+    @property
+    def total(self) -> int:
+        """The number of rows in user_sessions."""
+        return self.live + self.expired + self.revoked
 
 
 def insert_session(
@@ -200,6 +270,94 @@ def validate_expires_at(value: object) -> None:
         ) from None
 
 
+def validate_lifetime(field: str, value: object) -> timedelta:
+    """Return ``value`` if it is a positive timedelta up to :data:`MAX_LIFETIME`.
+
+    Raises :class:`InvalidValueError` naming ``field`` and the value
+    otherwise, including for numbers and datetimes.
+    """
+    duration = _require_timedelta(field, value)
+    if duration <= timedelta(0):
+        raise InvalidValueError(
+            f"{field}={duration!r} is not positive; pass a duration such as "
+            "timedelta(hours=1)"
+        )
+    if duration > MAX_LIFETIME:
+        raise InvalidValueError(
+            f"{field}={duration!r} is longer than the maximum of "
+            f"{MAX_LIFETIME.days} days; pass a shorter duration"
+        )
+    return duration
+
+
+def validate_interval(field: str, value: object, *, allow_zero: bool) -> timedelta:
+    """Return ``value`` if it is a timedelta from 0 (or above 0) to MAX_LIFETIME.
+
+    ``allow_zero`` sets whether 0 is accepted. Raises
+    :class:`InvalidValueError` naming ``field`` and the value otherwise.
+    """
+    duration = _require_timedelta(field, value)
+    if duration < timedelta(0) or (duration == timedelta(0) and not allow_zero):
+        least = "0 or more" if allow_zero else "positive"
+        raise InvalidValueError(
+            f"{field}={duration!r} is invalid; it must be {least}, for example "
+            "timedelta(seconds=1)"
+        )
+    if duration > MAX_LIFETIME:
+        raise InvalidValueError(
+            f"{field}={duration!r} is longer than the maximum of "
+            f"{MAX_LIFETIME.days} days; pass a shorter duration"
+        )
+    return duration
+
+
+def validate_session_id(value: object) -> int:
+    """Return ``value`` if it is a session row id: a positive int, not a bool."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidValueError(
+            f"session_id={_short_repr(value)} is a {type(value).__name__}, not an "
+            "int; pass "
+            "the session_id of a Session"
+        )
+    if value < 1:
+        raise InvalidValueError(
+            f"session_id={value} is invalid; session ids are positive"
+        )
+    return value
+
+
+def validate_limit(value: object) -> int:
+    """Return ``value`` if it is an int from 1 to :data:`MAX_LIST_LIMIT`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidValueError(
+            f"limit={_short_repr(value)} is a {type(value).__name__}, not an int; "
+            "pass a "
+            f"number of sessions from 1 to {MAX_LIST_LIMIT}"
+        )
+    if not 1 <= value <= MAX_LIST_LIMIT:
+        raise InvalidValueError(
+            f"limit={value} is invalid; pass a number of sessions from 1 to "
+            f"{MAX_LIST_LIMIT}"
+        )
+    return value
+
+
+def _require_timedelta(field: str, value: object) -> timedelta:
+    if isinstance(value, datetime):
+        zone = "a naive" if value.tzinfo is None else "an aware"
+        raise InvalidValueError(
+            f"{field}={value.isoformat()} is {zone} datetime, not a duration; "
+            "pass a timedelta, for example timedelta(hours=1)"
+        )
+    if not isinstance(value, timedelta):
+        raise InvalidValueError(
+            f"{field}={_short_repr(value)} is a {type(value).__name__}, not a "
+            "timedelta; "
+            "pass a duration, for example timedelta(hours=1)"
+        )
+    return value
+
+
 def _validate_text(
     field: str, value: object, *, max_length: int | None, secret: bool
 ) -> str:
@@ -235,6 +393,14 @@ def _validate_text(
             "source text correctly"
         ) from None
     return value
+
+
+def _short_repr(value: object) -> str:
+    """Return ``repr(value)``, cut to a length fit for a message."""
+    text = repr(value)
+    if len(text) <= _PREVIEW_LENGTH:
+        return text
+    return f"{text[:_PREVIEW_LENGTH]}..."
 
 
 def _preview(value: str | bytes | bytearray) -> str:

@@ -1,0 +1,561 @@
+"""Access and refresh tokens, and the keyed hashes under which they are stored.
+
+A token is a prefix and 43 base64url characters: ``secrets.token_urlsafe(32)``,
+which encodes 256 random bits. Access tokens start with ``mcpat_`` and refresh
+tokens with ``mcprt_``, so a token found in a log or a repository shows what
+it is, and a refresh token presented as an access token is rejected at once.
+
+The database never stores a token, only its HMAC-SHA-256 under a server-side
+key, written ``"{key_id}:{base64url(mac)}"``. A copy of the table without the
+key cannot be used to check guesses. :class:`TokenKeys` holds up to
+:data:`MAX_KEYS` keys, newest first. New hashes use the newest key, and a
+lookup tries every key, so a new key can be put first while sessions hashed
+under the older ones keep working until they end.
+
+The keys come from ``MCP_AUTHDB_TOKEN_KEYS``, written ``id:secret`` and
+separated by commas, newest first. With the embedded development server and no
+such variable, :meth:`TokenKeys.from_env` keeps a generated key in the file
+``token-keys`` of the embedded data folder. Error messages name the variable or
+file and the problem, and never contain a secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import enum
+import errno
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+import stat
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from mcp_authdb.db.embedded import default_data_dir
+from mcp_authdb.db.settings import Settings
+from mcp_authdb.errors import ConfigurationError, InvalidValueError
+
+logger = logging.getLogger(__name__)
+
+TOKEN_KEYS_VARIABLE = "MCP_AUTHDB_TOKEN_KEYS"
+KEY_FILE_NAME = "token-keys"
+MAX_KEYS = 4
+MIN_SECRET_BYTES = 32
+KEY_ID_MAX_LENGTH = 16
+# Random bytes in a new token: token_urlsafe(32) gives 43 characters.
+TOKEN_BYTES = 32
+TOKEN_BODY_LENGTH = 43
+# The shell command that prints a new key for MCP_AUTHDB_TOKEN_KEYS.
+GENERATE_KEY_COMMAND = (
+    "python -c \"import secrets; print('k1:' + secrets.token_urlsafe(32))\""
+)
+# A key file is a few lines long. Reading stops after this many bytes, so that
+# a wrong path to a large file fails fast.
+_KEY_FILE_MAX_BYTES = 64 * 1024
+
+_KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,16}")
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+_TOKEN_BODY = re.compile(r"[A-Za-z0-9_-]{43}")
+
+
+class TokenKind(enum.Enum):
+    """The two kinds of token, each with its prefix as the value."""
+
+    ACCESS = "mcpat_"
+    REFRESH = "mcprt_"
+
+    @property
+    def prefix(self) -> str:
+        """The text every token of this kind starts with."""
+        return self.value
+
+
+ACCESS_TOKEN_PREFIX = TokenKind.ACCESS.prefix
+REFRESH_TOKEN_PREFIX = TokenKind.REFRESH.prefix
+
+
+def new_token(kind: TokenKind) -> str:
+    """Return a new random token of ``kind``, 256 bits from :mod:`secrets`."""
+    return kind.prefix + secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def token_kind(token: object) -> TokenKind | None:
+    """Return the kind of a well-formed token, or None for any other value.
+
+    A well-formed token is a str made of a known prefix and exactly 43
+    characters of ``A-Z a-z 0-9 - _``. Every other value gives None without
+    raising: other types, other lengths, non-ASCII text, NUL characters.
+    """
+    if not isinstance(token, str):
+        return None
+
+    for kind in TokenKind:
+        if len(token) == len(kind.prefix) + TOKEN_BODY_LENGTH and token.startswith(
+            kind.prefix
+        ):
+            body = token[len(kind.prefix) :]
+            return kind if _TOKEN_BODY.fullmatch(body) else None
+    return None
+
+
+class TokenKey:
+    """One HMAC key: its id, written into every hash it makes, and its secret.
+
+    ``repr`` and ``str`` show the id only. Raises :class:`InvalidValueError`
+    for an invalid id, or a secret that is not bytes of at least 32 bytes.
+    """
+
+    __slots__ = ("key_id", "secret")
+
+    def __init__(self, key_id: str, secret: bytes) -> None:
+        if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
+            # An overlong id may be a secret passed in the wrong place.
+            id_text = repr(key_id)
+            if len(id_text) > KEY_ID_MAX_LENGTH + 2:
+                id_text = f"a {type(key_id).__name__} of length {len(id_text) - 2}"
+            raise InvalidValueError(
+                f"key_id={id_text} is not a valid key id; use 1 to "
+                f"{KEY_ID_MAX_LENGTH} characters of A-Z, a-z, 0-9, '_' and '-'"
+            )
+        if not isinstance(secret, bytes) or len(secret) < MIN_SECRET_BYTES:
+            size = len(secret) if isinstance(secret, bytes) else None
+            raise InvalidValueError(
+                f"the secret of key {key_id!r} is {type(secret).__name__} of "
+                f"length {size}; pass at least {MIN_SECRET_BYTES} random bytes, "
+                "such as secrets.token_bytes(32)"
+            )
+        self.key_id = key_id
+        self.secret = secret
+
+    def __repr__(self) -> str:
+        return f"TokenKey(key_id={self.key_id!r})"
+
+    def hash(self, token: str) -> str:
+        """Return the stored form of ``token`` under this key."""
+        mac = hmac.new(self.secret, token.encode("ascii"), hashlib.sha256).digest()
+        encoded = base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
+        return f"{self.key_id}:{encoded}"
+
+
+class TokenKeys:
+    """The HMAC keys of a deployment, newest first, from 1 to :data:`MAX_KEYS`.
+
+    Build one with :meth:`from_env`, :meth:`parse` or :meth:`from_key_file`.
+    ``repr`` shows the key ids only.
+    """
+
+    def __init__(self, keys: Sequence[TokenKey]) -> None:
+        if not 1 <= len(keys) <= MAX_KEYS:
+            raise InvalidValueError(
+                f"token keys: {len(keys)} keys given; pass 1 to {MAX_KEYS} keys"
+            )
+        ids = [key.key_id for key in keys]
+        if len(set(ids)) != len(ids):
+            raise InvalidValueError(
+                f"token keys: the key ids {ids!r} repeat an id; give each key "
+                "its own id, because the id in a stored hash selects the key"
+            )
+        self.keys = tuple(keys)
+
+    def __repr__(self) -> str:
+        return f"TokenKeys(key_ids={self.key_ids!r})"
+
+    @property
+    def key_ids(self) -> tuple[str, ...]:
+        """The ids of the keys, newest first."""
+        return tuple(key.key_id for key in self.keys)
+
+    @property
+    def newest(self) -> TokenKey:
+        """The key that hashes new tokens."""
+        return self.keys[0]
+
+    @classmethod
+    def parse(cls, value: str, *, source: str = TOKEN_KEYS_VARIABLE) -> TokenKeys:
+        """Parse comma-separated ``id:secret`` keys, newest first.
+
+        A key id is 1 to 16 characters of ``A-Z a-z 0-9 _ -``. A secret is
+        base64url, padding optional, of at least 32 bytes. ``source`` names
+        the variable or file in error messages. Raises
+        :class:`ConfigurationError` saying which entry is wrong and how, never
+        showing a secret.
+        """
+        entries = [entry.strip() for entry in value.split(",")]
+        if entries == [""]:
+            raise ConfigurationError(f"{source} contains no key; {_HOW_TO_GENERATE}")
+        if len(entries) > MAX_KEYS:
+            raise ConfigurationError(
+                f"{source} contains {len(entries)} keys, over the maximum of "
+                f"{MAX_KEYS}; remove the oldest keys, which are the last ones, "
+                "once the sessions hashed under them have ended"
+            )
+
+        keys: list[TokenKey] = []
+        for number, entry in enumerate(entries, start=1):
+            key = _parse_key(source, number, entry)
+            for earlier in keys:
+                _check_distinct(source, earlier, key)
+            keys.append(key)
+        return cls(keys)
+
+    @classmethod
+    def from_env(
+        cls, settings: Settings, environ: Mapping[str, str] | None = None
+    ) -> TokenKeys:
+        """Load the keys for the database that ``settings`` describes.
+
+        With ``MCP_AUTHDB_TOKEN_KEYS`` in ``environ`` (default:
+        ``os.environ``), the keys come from it. Without it, and with no
+        ``DATABASE_URL`` (the embedded development server), they come from
+        the key file ``token-keys`` in the embedded data folder
+        (``settings.data_dir``, or the default folder), which is created with
+        a new key the first time. Otherwise this raises
+        :class:`ConfigurationError` saying how to generate a key.
+        """
+        env = os.environ if environ is None else environ
+        value = env.get(TOKEN_KEYS_VARIABLE)
+        if value is not None:
+            if not value.strip():
+                # Most likely a secret that failed to render, which a fallback
+                # to the key file would hide.
+                raise ConfigurationError(
+                    f"{TOKEN_KEYS_VARIABLE} is set but empty; {_HOW_TO_GENERATE}"
+                )
+            return cls.parse(value)
+
+        if settings.database_url is None:
+            data_dir = settings.data_dir or default_data_dir()
+            return cls.from_key_file(data_dir.absolute() / KEY_FILE_NAME)
+
+        raise ConfigurationError(
+            f"{TOKEN_KEYS_VARIABLE} is not set, and it is required with "
+            f"DATABASE_URL; {_HOW_TO_GENERATE}"
+        )
+
+    @classmethod
+    def from_key_file(cls, path: Path) -> TokenKeys:
+        """Read the keys from the file at ``path``, creating it if it is missing.
+
+        A new file gets one new key, ``k1``, and mode 0600. It appears whole
+        or not at all, and when several processes create it at once, all of
+        them read the one that was linked first. The file contains one
+        ``id:secret`` key per line, newest first, and lines starting with
+        ``#`` are comments. Raises :class:`ConfigurationError` when the file
+        is not a regular file, belongs to another user, is readable or
+        writable by other users, or contains invalid keys.
+        """
+        try:
+            if not os.path.lexists(path):
+                _make_folder(path.parent)
+                _create_key_file(path)
+            text = _read_key_file(path)
+        except OSError as exc:
+            # The steps report the expected failures themselves. This covers
+            # the others, such as a path too long for the system.
+            raise _key_file_error(path, "could not be read or created", exc) from None
+        return cls.parse(text, source=f"the key file {path}")
+
+
+class TokenHasher:
+    """Hashes tokens for storage and lists the hashes a lookup has to try."""
+
+    def __init__(self, keys: TokenKeys) -> None:
+        if not isinstance(keys, TokenKeys):
+            raise InvalidValueError(
+                f"keys is a {type(keys).__name__}, not TokenKeys; build it with "
+                "TokenKeys.from_env(settings)"
+            )
+        self.keys = keys
+
+    def __repr__(self) -> str:
+        return f"TokenHasher({self.keys!r})"
+
+    @classmethod
+    def from_env(
+        cls, settings: Settings, environ: Mapping[str, str] | None = None
+    ) -> TokenHasher:
+        """Build a hasher with :meth:`TokenKeys.from_env`."""
+        return cls(TokenKeys.from_env(settings, environ))
+
+    def hash(self, token: str) -> str:
+        """Return the stored form of ``token`` under the newest key.
+
+        Raises :class:`InvalidValueError`, without showing the value, unless
+        ``token`` is a well-formed token.
+        """
+        if token_kind(token) is None:
+            raise InvalidValueError(
+                f"the value to hash ({type(token).__name__}) is not a token made "
+                "by new_token(): a prefix and 43 base64url characters"
+            )
+        return self.keys.newest.hash(token)
+
+    def candidates(self, token: object, kind: TokenKind | None = None) -> list[str]:
+        """Return the hashes under which ``token`` may be stored, newest key first.
+
+        The list is empty, at once and without raising, unless ``token`` is a
+        well-formed token of ``kind`` (of either kind when ``kind`` is None).
+        The first hash is the one :meth:`hash` gives.
+        """
+        if not isinstance(token, str):
+            return []
+        found = token_kind(token)
+        if found is None or (kind is not None and found is not kind):
+            return []
+        return [key.hash(token) for key in self.keys.keys]
+
+
+_HOW_TO_GENERATE = (
+    f"set {TOKEN_KEYS_VARIABLE} to comma-separated id:secret keys, newest "
+    f"first, and generate a key with: {GENERATE_KEY_COMMAND}"
+)
+
+
+def _parse_key(source: str, number: int, entry: str) -> TokenKey:
+    where = f"{source}, key {number}"
+    if entry == "":
+        raise ConfigurationError(
+            f"{where} is empty; remove the extra comma or write the key as id:secret"
+        )
+
+    key_id, colon, secret_text = entry.partition(":")
+    if not colon:
+        raise ConfigurationError(
+            f"{where} has no ':' between key id and secret; write it as "
+            "id:secret, for example k1:<43 base64url characters>"
+        )
+    if not _KEY_ID.fullmatch(key_id):
+        # An overlong id may be a secret written in the wrong place.
+        id_text = repr(key_id) if len(key_id) <= KEY_ID_MAX_LENGTH else "the key id"
+        raise ConfigurationError(
+            f"{where}: {id_text} ({len(key_id)} characters) is not a valid key id; "
+            f"use 1 to {KEY_ID_MAX_LENGTH} characters of A-Z, a-z, 0-9, '_' and "
+            "'-', such as k1"
+        )
+
+    secret = _decode_secret(f"{where} ({key_id!r})", secret_text)
+    return TokenKey(key_id, secret)
+
+
+def _decode_secret(where: str, text: str) -> bytes:
+    unpadded = text.rstrip("=")
+    if len(text) - len(unpadded) > 2 or not _BASE64URL.fullmatch(unpadded):
+        bad = next(
+            (i for i, c in enumerate(unpadded) if not _BASE64URL.fullmatch(c)),
+            len(unpadded),
+        )
+        raise ConfigurationError(
+            f"{where}: the secret is not base64url, because of the character at "
+            f"index {bad}; base64url uses A-Z, a-z, 0-9, '-' and '_'. "
+            f"{_GENERATE_SECRET}"
+        )
+    try:
+        secret = base64.urlsafe_b64decode(unpadded + "=" * (-len(unpadded) % 4))
+    except (binascii.Error, ValueError):
+        # Only a length of 4n+1 characters fails here.
+        secret = None
+    if secret is None:
+        raise ConfigurationError(
+            f"{where}: the secret has {len(unpadded)} base64url characters, a "
+            f"length no encoding gives; it was probably cut. {_GENERATE_SECRET}"
+        )
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ConfigurationError(
+            f"{where}: the secret decodes to {len(secret)} bytes, under the "
+            f"minimum of {MIN_SECRET_BYTES}. {_GENERATE_SECRET}"
+        )
+    return secret
+
+
+_GENERATE_SECRET = f"Generate a key with: {GENERATE_KEY_COMMAND}"
+
+
+def _check_distinct(source: str, earlier: TokenKey, key: TokenKey) -> None:
+    if key.key_id == earlier.key_id:
+        raise ConfigurationError(
+            f"{source}: the key id {key.key_id!r} is used twice; give each key "
+            "its own id, because the id in a stored hash selects the key"
+        )
+    if hmac.compare_digest(key.secret, earlier.secret):
+        raise ConfigurationError(
+            f"{source}: the keys {earlier.key_id!r} and {key.key_id!r} have the "
+            "same secret; a new key needs a new secret. "
+            f"{_GENERATE_SECRET}"
+        )
+
+
+def _make_folder(folder: Path) -> None:
+    """Create the embedded data folder and its parents, if missing.
+
+    The modes are those the embedded server gives the folders it creates:
+    0755 under root, whose server user must enter them, and 0700 otherwise.
+    """
+    if folder.is_dir():
+        return
+    if folder.exists():
+        raise ConfigurationError(
+            f"{folder}, the folder of the token key file, is not a folder; "
+            f"choose another folder with MCP_AUTHDB_DATA_DIR, or set "
+            f"{TOKEN_KEYS_VARIABLE}"
+        )
+    mode = 0o755 if os.geteuid() == 0 else 0o700
+    missing = [folder, *(p for p in folder.parents if not p.exists())]
+    for part in reversed(missing):
+        try:
+            part.mkdir(mode=mode)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise ConfigurationError(
+                f"could not create the folder {part} for the token key file: "
+                f"{exc.strerror}; create it, choose another folder with "
+                f"MCP_AUTHDB_DATA_DIR, or set {TOKEN_KEYS_VARIABLE}"
+            ) from None
+        part.chmod(mode)
+
+
+def _create_key_file(path: Path) -> None:
+    """Write a key file with one new key, unless another process is first.
+
+    The key goes to a temporary file that only this process can have made
+    (O_CREAT|O_EXCL), and that file is then hard-linked to ``path``. A link
+    never replaces an existing file, so the first process to link wins, and
+    readers never see a partly written file.
+    """
+    content = (
+        "# Token keys of the embedded development server, newest first, one\n"
+        "# id:secret per line. Deleting this file ends every session.\n"
+        f"k1:{secrets.token_urlsafe(MIN_SECRET_BYTES)}\n"
+    )
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(temporary, flags, 0o600)
+    except OSError as exc:
+        raise _key_file_error(path, "could not be created", exc) from None
+
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as file:
+            file.write(content)
+            file.flush()
+            os.fsync(file.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            logger.debug(
+                "another process created the token key file %s first",
+                path,
+                extra={"action": "tokens.key_file.raced"},
+            )
+            return
+        except OSError as exc:
+            raise _key_file_error(path, "could not be created", exc) from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+
+    _sync_folder(path.parent)
+    logger.info(
+        "created the token key file %s with a new key k1",
+        path,
+        extra={"action": "tokens.key_file.created", "path": str(path)},
+    )
+
+
+def _sync_folder(folder: Path) -> None:
+    # Makes the new link survive a crash. Errors are ignored because some file
+    # systems cannot sync a folder, and the file's own data is already synced.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _read_key_file(path: Path) -> str:
+    """Return the keys of the key file as one comma-separated string.
+
+    The file's type, owner and mode are checked on the open descriptor, so
+    they are those of the file that is read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigurationError(
+                f"the token key file {path} is a symbolic link; replace it with "
+                f"the file itself, or set {TOKEN_KEYS_VARIABLE}"
+            ) from None
+        raise _key_file_error(path, "could not be opened", exc) from None
+
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        _check_key_file(path, os.fstat(fd))
+        while size <= _KEY_FILE_MAX_BYTES:
+            chunk = os.read(fd, _KEY_FILE_MAX_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+
+    if len(data) > _KEY_FILE_MAX_BYTES:
+        raise ConfigurationError(
+            f"the token key file {path} is larger than {_KEY_FILE_MAX_BYTES} "
+            "bytes, so it is not a key file; check the path"
+        )
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise ConfigurationError(
+            f"the token key file {path} contains non-ASCII bytes; it must "
+            "contain id:secret lines only"
+        ) from None
+
+    lines = [line.strip() for line in text.splitlines()]
+    keys = [line for line in lines if line and not line.startswith("#")]
+    if not keys:
+        raise ConfigurationError(
+            f"the token key file {path} contains no key; delete it to have a "
+            f"new key generated (this ends every session), or set "
+            f"{TOKEN_KEYS_VARIABLE}"
+        )
+    return ",".join(keys)
+
+
+def _check_key_file(path: Path, info: os.stat_result) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigurationError(
+            f"the token key file {path} is not a regular file; remove it, or "
+            f"set {TOKEN_KEYS_VARIABLE}"
+        )
+    if info.st_uid != os.geteuid():
+        raise ConfigurationError(
+            f"the token key file {path} belongs to user id {info.st_uid}, not "
+            f"to this user (id {os.geteuid()}); run as its owner, or, if it can "
+            f"be trusted, make it yours with `chown {os.geteuid()} {path}`"
+        )
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077:
+        raise ConfigurationError(
+            f"the token key file {path} has mode {mode:04o}, so other users may "
+            f"read or change it; run `chmod 600 {path}`, and if someone else may "
+            "have read it, delete it instead to have a new key generated (this "
+            "ends every session)"
+        )
+
+
+def _key_file_error(path: Path, failure: str, exc: OSError) -> ConfigurationError:
+    return ConfigurationError(
+        f"the token key file {path} {failure}: {exc.strerror}; check the "
+        f"folder's permissions, or set {TOKEN_KEYS_VARIABLE}"
+    )
