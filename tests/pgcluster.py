@@ -3,8 +3,9 @@
 The embedded server listens on a Unix socket only and its binaries have no
 SSL, so these tests start clusters of their own from the machine's PostgreSQL
 (``/usr/lib/postgresql/<N>/bin``). Where none is installed, the tests that
-need one are skipped. Each cluster has a role ``app`` with a SCRAM password and
-accepts TCP connections from 127.0.0.1 only.
+need one are skipped, or fail when the environment variable CI is set. Each
+cluster has a role ``app`` with a SCRAM password and accepts TCP connections
+from 127.0.0.1 only.
 
 Test modules load the fixtures with ``pytest_plugins = ["pgcluster"]`` and
 also import helpers by name, which imports this module before pytest can
@@ -214,11 +215,15 @@ def cluster_folder() -> Iterator[Path]:
 def pg_bin_dir() -> Path:
     bin_dir = machine_binaries()
     if bin_dir is None:
-        pytest.skip(
+        message = (
             f"no PostgreSQL server binaries in {MACHINE_BINARIES_GLOB}; install "
             "PostgreSQL (for example the Debian package postgresql) to run the "
             "tests that need a server on TCP"
         )
+        # CI installs PostgreSQL, so there a missing binary is a failure.
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
     return bin_dir
 
 
