@@ -278,6 +278,7 @@ def test_empty_database_lists_everything(empty_db: ScratchDatabase) -> None:
         "function cleanup_expired_sessions_batch(integer)",
         "procedure cleanup_expired_sessions_in_batches(integer, bigint)",
         "function cleanup_request_logs_batch(interval, integer)",
+        "procedure cleanup_request_logs_in_batches(interval, integer, bigint)",
         "function mcp_authdb_notify_session_change()",
         "function mcp_authdb_set_updated_at()",
     ]

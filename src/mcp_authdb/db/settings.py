@@ -347,3 +347,19 @@ def parse_flag(name: str, value: str | None, default: bool = False) -> bool:
         f"{name}={value!r} is neither true nor false; set it to one of "
         f"{', '.join(_TRUE + _FALSE)}, or unset it to use {str(default).lower()}"
     )
+
+
+def parse_whole_number_in_range(
+    name: str, value: str | None, default: int, low: int, high: int, meaning: str
+) -> int:
+    """Parse the variable ``name`` as a whole number from ``low`` to ``high``.
+
+    ``None`` gives ``default``; ``meaning`` completes the hint of the error.
+    """
+    number = parse_whole_number(name, value, default, meaning)
+    if not low <= number <= high:
+        raise ConfigurationError(
+            f"{name}={value!r} is out of range; set it to {meaning}, from {low} "
+            f"to {high}, or unset it to use {default}"
+        )
+    return number

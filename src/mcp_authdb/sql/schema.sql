@@ -176,6 +176,26 @@ CREATE OR REPLACE FUNCTION cleanup_request_logs_batch(
         END
         $function$;
 
+CREATE OR REPLACE PROCEDURE cleanup_request_logs_in_batches(
+    retention interval,
+    batch_size integer DEFAULT 5000,
+    INOUT deleted bigint DEFAULT 0
+)
+    LANGUAGE plpgsql
+    AS $function$
+        DECLARE
+            batch_deleted integer;
+        BEGIN
+            deleted := 0;
+            LOOP
+                batch_deleted := cleanup_request_logs_batch(retention, batch_size);
+                deleted := deleted + batch_deleted;
+                COMMIT;
+                EXIT WHEN batch_deleted < batch_size;
+            END LOOP;
+        END
+        $function$;
+
 CREATE OR REPLACE FUNCTION mcp_authdb_notify_session_change() RETURNS trigger
     LANGUAGE plpgsql
     AS $function$

@@ -1,6 +1,10 @@
 -- Session lifecycle: refresh expiry, token families, rotation, revocation,
 -- last use, change notifications, and request log retention.
 --
+-- cleanup_request_logs_batch(retention, n) deletes at most n request_logs rows
+-- older than the retention; CALL cleanup_request_logs_in_batches(retention, n)
+-- repeats it with a COMMIT after each batch, outside an explicit transaction.
+--
 -- A session outlives its access token. expires_at stays the access token's
 -- expiry, as the specification defines it, and refresh_expires_at is the
 -- refresh token's. A row ends when both have passed: at
@@ -131,6 +135,29 @@ BEGIN
             ));
             GET DIAGNOSTICS deleted = ROW_COUNT;
             RETURN deleted;
+        END
+        $function$;
+    END IF;
+
+    IF to_regprocedure('cleanup_request_logs_in_batches(interval,integer,bigint)') IS NULL
+    THEN
+        CREATE PROCEDURE cleanup_request_logs_in_batches(
+            retention interval,
+            batch_size integer DEFAULT 5000,
+            INOUT deleted bigint DEFAULT 0
+        )
+            LANGUAGE plpgsql
+            AS $function$
+        DECLARE
+            batch_deleted integer;
+        BEGIN
+            deleted := 0;
+            LOOP
+                batch_deleted := cleanup_request_logs_batch(retention, batch_size);
+                deleted := deleted + batch_deleted;
+                COMMIT;
+                EXIT WHEN batch_deleted < batch_size;
+            END LOOP;
         END
         $function$;
     END IF;
