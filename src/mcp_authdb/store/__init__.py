@@ -1,12 +1,23 @@
-"""The data layer over the schema: sessions, their tokens, and cleanup."""
+"""The library over the schema: sessions and their tokens, the token cache,
+the request log and scheduled cleanup. :class:`AsyncAuthDB` opens them all."""
 
 from __future__ import annotations
 
+from mcp_authdb.store.authdb import AsyncAuthDB, AuthDB, AuthDBOptions
+from mcp_authdb.store.cache import TokenCache
 from mcp_authdb.store.cleanup import (
     CleanupProgress,
     CleanupResult,
     delete_expired_sessions,
     delete_expired_sessions_async,
+)
+from mcp_authdb.store.listener import AsyncSessionListener, SessionListener
+from mcp_authdb.store.request_log import AsyncRequestLog, RequestLog
+from mcp_authdb.store.request_log_core import RequestLogStats
+from mcp_authdb.store.scheduler import (
+    AsyncCleanupScheduler,
+    CleanupSchedule,
+    CleanupScheduler,
 )
 from mcp_authdb.store.session_store import (
     AsyncSessionStore,
@@ -35,14 +46,26 @@ __all__ = [
     "ACCESS_TOKEN_PREFIX",
     "REFRESH_TOKEN_PREFIX",
     "TOKEN_KEYS_VARIABLE",
+    "AsyncAuthDB",
+    "AsyncCleanupScheduler",
+    "AsyncRequestLog",
+    "AsyncSessionListener",
     "AsyncSessionStore",
+    "AuthDB",
+    "AuthDBOptions",
     "CleanupProgress",
     "CleanupResult",
+    "CleanupSchedule",
+    "CleanupScheduler",
     "IssuedTokens",
+    "RequestLog",
+    "RequestLogStats",
     "Session",
     "SessionCache",
+    "SessionListener",
     "SessionStats",
     "SessionStore",
+    "TokenCache",
     "TokenHasher",
     "TokenKey",
     "TokenKeys",
