@@ -179,6 +179,24 @@ def test_validate_uses_database_clock(db: ScratchDatabase) -> None:
     assert after is None
 
 
+def test_concurrent_validations_each_get_their_session(db: ScratchDatabase) -> None:
+    async def scenario() -> None:
+        async with async_store(db) as store:
+            issued = [await store.create(f"user-{n}") for n in range(12)]
+            await store.revoke_user("user-3")
+            unknown = new_token(TokenKind.ACCESS)
+            tokens = [item.access_token for item in issued] + [unknown]
+
+            found = await asyncio.gather(*(store.validate(t) for t in tokens * 3))
+
+        expected = [f"user-{n}" for n in range(12)] + [None]
+        expected[3] = None
+        users = [None if session is None else session.user_id for session in found]
+        assert users == expected * 3
+
+    run(scenario)
+
+
 def test_validate_rejects_expired_and_revoked(db: ScratchDatabase) -> None:
     async def scenario() -> list[Session | None]:
         async with async_store(db) as store:

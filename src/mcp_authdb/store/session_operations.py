@@ -60,16 +60,20 @@ RETURNING {_SESSION_COLUMNS}
 
 # The touch takes the row lock with SKIP LOCKED, so a validation never waits
 # for a refresh or a revocation that holds it, and skips the touch instead.
-_VALIDATE = """
+# The validation statement, for the pool's lookup batcher: it looks up the
+# hashes of every caller waiting at that moment, so it returns the matching
+# hash first, for the batcher to hand each row to its caller. The same
+# statement sets last_used_at when it is NULL or at least the touch interval
+# old, skipping rows another transaction holds, so validation never waits.
+VALIDATE = """
 WITH found AS (
-    SELECT id, family_id, user_id, scope, subscription_level, expires_at,
-           coalesce(refresh_expires_at, expires_at) AS refresh_expires_at,
+    SELECT access_token_hash, id, family_id, user_id, scope, subscription_level,
+           expires_at, coalesce(refresh_expires_at, expires_at) AS refresh_expires_at,
            created_at, last_used_at
     FROM user_sessions
     WHERE access_token_hash = ANY(%(candidates)s::text[])
       AND expires_at > now()
       AND revoked_at IS NULL
-    LIMIT 1
 ),
 touched AS (
     UPDATE user_sessions
@@ -84,8 +88,8 @@ touched AS (
     )
     RETURNING id, last_used_at
 )
-SELECT f.id, f.family_id, f.user_id, f.scope, f.subscription_level,
-       f.expires_at, f.refresh_expires_at, f.created_at,
+SELECT f.access_token_hash, f.id, f.family_id, f.user_id, f.scope,
+       f.subscription_level, f.expires_at, f.refresh_expires_at, f.created_at,
        coalesce(t.last_used_at, f.last_used_at), now()
 FROM found AS f
 LEFT JOIN touched AS t ON t.id = f.id
@@ -313,22 +317,16 @@ def insert_session_row(
     return session_from_row(result.rows[0])
 
 
-def find_valid_session(
-    candidates: Sequence[str], touch_interval: timedelta
-) -> Operation[ValidatedSession | None]:
-    """Find the unexpired, unrevoked row of an access token in one statement.
+def validated_session(rows: Sequence[Sequence[Any]]) -> ValidatedSession | None:
+    """Build the outcome of a validation from the rows ``VALIDATE`` returned.
 
-    ``candidates`` are the token's hashes under every key. The same statement
-    sets ``last_used_at`` to ``now()`` when it is NULL or at least
-    ``touch_interval`` old, unless another transaction holds the row's lock.
+    ``rows`` are those of one token's hashes. A hash belongs to at most one
+    row, and a token issued by this library has one row, so the first wins.
     """
-    result = yield Query(
-        _VALIDATE, {"candidates": list(candidates), "touch_interval": touch_interval}
-    )
-    if not result.rows:
+    if not rows:
         return None
-    row = result.rows[0]
-    return ValidatedSession(session_from_row(row), _utc(row[9]))
+    row = rows[0]
+    return ValidatedSession(session_from_row(row[1:]), _utc(row[10]))
 
 
 def refresh_session(

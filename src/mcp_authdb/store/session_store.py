@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, NoReturn, Protocol, TypeVar
 
@@ -34,12 +34,11 @@ from mcp_authdb.db.pool import AsyncDatabase, Database, Operation
 from mcp_authdb.errors import DatabaseError, InvalidGrantError, InvalidValueError
 from mcp_authdb.store.session_operations import (
     MAX_REVOKE_PASSES,
+    VALIDATE,
     NewPair,
     Rejection,
     Revocation,
-    ValidatedSession,
     count_sessions,
-    find_valid_session,
     insert_session_row,
     list_live_sessions,
     refresh_session,
@@ -47,6 +46,7 @@ from mcp_authdb.store.session_operations import (
     revoke_token_family,
     revoke_user_sessions,
     set_level,
+    validated_session,
 )
 from mcp_authdb.store.sessions import (
     DEFAULT_SUBSCRIPTION_LEVEL,
@@ -126,7 +126,7 @@ class _Lookup:
 
     key: str
     stamp: Any
-    operation: Callable[[], Operation[ValidatedSession | None]]
+    candidates: list[str]
 
 
 class _StoreCore:
@@ -214,27 +214,34 @@ class _StoreCore:
         )
         return tokens.issued(session)
 
+    def _validation_batch_options(self) -> dict[str, Any]:
+        # Concurrent validations share one statement through the pool's
+        # lookup batcher, which saves a round trip and most of the client's
+        # per-statement cost for each caller beyond the first.
+        return {
+            "key_column": 0,
+            "keys_param": "candidates",
+            "params": {"touch_interval": self.touch_interval},
+        }
+
     def _plan_validate(self, access_token: object) -> _Lookup | None:
         candidates = self.hasher.candidates(access_token, TokenKind.ACCESS)
         if not candidates:
             return None
-        touch_interval = self.touch_interval
-
-        def operation() -> Operation[ValidatedSession | None]:
-            return find_valid_session(candidates, touch_interval)
 
         # The stamp is taken before the cache is read, so that an
         # invalidation during the database lookup makes the cache drop
         # the session that the lookup returns.
         stamp = None if self.cache is None else self.cache.begin_lookup()
-        return _Lookup(key=candidates[0], stamp=stamp, operation=operation)
+        return _Lookup(key=candidates[0], stamp=stamp, candidates=candidates)
 
     def _cached(self, lookup: _Lookup) -> Session | None:
         return None if self.cache is None else self.cache.get(lookup.key)
 
     def _validated(
-        self, lookup: _Lookup, found: ValidatedSession | None
+        self, lookup: _Lookup, rows: Sequence[Sequence[Any]]
     ) -> Session | None:
+        found = validated_session(rows)
         if found is None:
             return None
         if self.cache is not None:
@@ -461,6 +468,9 @@ class AsyncSessionStore(_StoreCore):
             touch_interval=touch_interval,
         )
         self.database = database
+        self._validation = database.lookup_batcher(
+            VALIDATE, **self._validation_batch_options()
+        )
 
     async def create(
         self,
@@ -499,10 +509,8 @@ class AsyncSessionStore(_StoreCore):
         cached = self._cached(lookup)
         if cached is not None:
             return cached
-        found = await self.database.run(
-            lookup.operation, transaction=False, idempotent=True
-        )
-        return self._validated(lookup, found)
+        rows = await self._validation.fetch(lookup.candidates)
+        return self._validated(lookup, rows)
 
     async def refresh(
         self,
@@ -618,6 +626,9 @@ class SessionStore(_StoreCore):
             touch_interval=touch_interval,
         )
         self.database = database
+        self._validation = database.lookup_batcher(
+            VALIDATE, **self._validation_batch_options()
+        )
 
     def create(
         self,
@@ -645,8 +656,8 @@ class SessionStore(_StoreCore):
         cached = self._cached(lookup)
         if cached is not None:
             return cached
-        found = self.database.run(lookup.operation, transaction=False, idempotent=True)
-        return self._validated(lookup, found)
+        rows = self._validation.fetch(lookup.candidates)
+        return self._validated(lookup, rows)
 
     def refresh(
         self,
