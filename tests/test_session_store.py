@@ -538,6 +538,44 @@ def test_replay_deadlock_is_retried(
     assert all(row["revoked_at"] is not None for row in rows_by_id(db).values())
 
 
+@pytest.mark.parametrize("scope", ["user", "session"])
+def test_revocation_stops_refresh_chains(db: ScratchDatabase, scope: str) -> None:
+    async def scenario() -> None:
+        async with async_store(db, refresh_grace=timedelta(seconds=5)) as store:
+            first = await store.create("mallory")
+            forks = await asyncio.gather(
+                *(store.refresh(first.refresh_token) for _ in range(8))
+            )
+            revoked = asyncio.Event()
+            issued_after: list[IssuedTokens] = []
+
+            async def chain(pair: IssuedTokens) -> None:
+                while True:
+                    try:
+                        pair = await store.refresh(pair.refresh_token)
+                    except InvalidGrantError:
+                        return
+                    if revoked.is_set():
+                        issued_after.append(pair)
+
+            chains = [asyncio.create_task(chain(pair)) for pair in forks]
+            await asyncio.sleep(0.3)
+            if scope == "user":
+                await store.revoke_user("mallory")
+            else:
+                await store.revoke_session(first.session.session_id)
+            revoked.set()
+            async with asyncio.timeout(30):
+                await asyncio.gather(*chains)
+
+            assert issued_after == []
+            assert (await store.list_sessions("mallory")) == []
+            for pair in forks:
+                assert await store.validate(pair.access_token) is None
+
+    run(scenario)
+
+
 def test_refresh_of_expired_or_revoked_rejected(db: ScratchDatabase) -> None:
     async def scenario() -> list[InvalidGrantError]:
         async with async_store(db) as store:

@@ -95,6 +95,25 @@ FROM found AS f
 LEFT JOIN touched AS t ON t.id = f.id
 """
 
+# Refreshes and revocations of one user serialize on a transaction-level
+# advisory lock keyed by the user id: each refresh holds it shared, each
+# revocation or level change exclusive. A revocation therefore waits for the
+# refreshes in flight to commit, and its UPDATE, a later statement with a
+# later snapshot, sees the rows they added; refreshes that start later wait
+# for the revocation and then find their row revoked. Both take the advisory
+# lock before any row lock, so they cannot deadlock on each other. A hash
+# collision between two users only makes them wait for each other.
+_USER_LOCK_KEY = "hashtextextended('mcp-authdb user ' || {user_id}, 0)"
+_LOCK_USER = "SELECT pg_advisory_xact_lock({key})".format(
+    key=_USER_LOCK_KEY.format(user_id="%s")
+)
+_LOCK_USER_FOR_REFRESH = """
+SELECT pg_advisory_xact_lock_shared({key})
+FROM user_sessions
+WHERE refresh_token_hash = ANY(%(candidates)s::text[])
+LIMIT 1
+""".format(key=_USER_LOCK_KEY.format(user_id="user_id"))
+
 # now() is the start of the transaction, and a concurrent refresh may have
 # rotated the row since: FOR UPDATE waits for it and returns the row's latest
 # version, on which these expressions are evaluated.
@@ -176,18 +195,18 @@ _SCOPE_USER = "user_id = %(value)s"
 
 _FIND_BY_HASH = {
     "access_token_hash": """
-        SELECT id, family_id FROM user_sessions
+        SELECT id, family_id, user_id FROM user_sessions
         WHERE access_token_hash = ANY(%s::text[])
         LIMIT 1
     """,
     "refresh_token_hash": """
-        SELECT id, family_id FROM user_sessions
+        SELECT id, family_id, user_id FROM user_sessions
         WHERE refresh_token_hash = ANY(%s::text[])
         LIMIT 1
     """,
 }
 
-_FIND_BY_ID = "SELECT id, family_id FROM user_sessions WHERE id = %s"
+_FIND_BY_ID = "SELECT id, family_id, user_id FROM user_sessions WHERE id = %s"
 
 _SET_LEVEL = """
 UPDATE user_sessions
@@ -348,9 +367,13 @@ def refresh_session(
     - not rotated: the row is rotated, and a new row joins its family. A row
       without a family gets ``new_family_id`` for both.
     - rotated within ``grace``: another new row joins the family.
-    - rotated before ``grace``: a replay. The whole family is revoked, in
-      this transaction, and a Rejection is returned so that it commits.
+    - rotated before ``grace``: a replay. Nothing changes here; the caller
+      revokes the family with :func:`revoke_session_family` in a transaction
+      of its own, which must wait for this one's shared user lock to go.
     """
+    locked = yield Query(_LOCK_USER_FOR_REFRESH, {"candidates": list(candidates)})
+    if not locked.rows:
+        return Rejection("unknown")
     result = yield Query(
         _LOCK_FOR_REFRESH, {"candidates": list(candidates), "grace": grace}
     )
@@ -366,8 +389,7 @@ def refresh_session(
     if not rotated and not unexpired:
         return Rejection("expired", session_id, user_id, family_id)
     if rotated and not within_grace:
-        revocation = yield from _revoke_family(session_id, family_id)
-        return Rejection("replayed", session_id, user_id, family_id, revocation)
+        return Rejection("replayed", session_id, user_id, family_id)
 
     params = {
         "parent_id": session_id,
@@ -394,7 +416,8 @@ def revoke_token_family(
     result = yield Query(_FIND_BY_HASH[column], (list(candidates),))
     if not result.rows:
         return Revocation(0, frozenset())
-    row_id, family_id = result.rows[0]
+    row_id, family_id, user_id = result.rows[0]
+    yield Query(_LOCK_USER, (user_id,))
     return (yield from _revoke_family(int(row_id), family_id))
 
 
@@ -403,12 +426,14 @@ def revoke_session_family(session_id: int) -> Operation[Revocation]:
     result = yield Query(_FIND_BY_ID, (session_id,))
     if not result.rows:
         return Revocation(0, frozenset())
-    row_id, family_id = result.rows[0]
+    row_id, family_id, user_id = result.rows[0]
+    yield Query(_LOCK_USER, (user_id,))
     return (yield from _revoke_family(int(row_id), family_id))
 
 
 def revoke_user_sessions(user_id: str) -> Operation[Revocation]:
     """Revoke every row of ``user_id``."""
+    yield Query(_LOCK_USER, (user_id,))
     return (yield from revoke_rows(_SCOPE_USER, user_id))
 
 
@@ -419,16 +444,13 @@ def _revoke_family(row_id: int, family_id: uuid.UUID | None) -> Operation[Revoca
 
 
 def revoke_rows(scope: str, value: object) -> Operation[Revocation]:
-    """Revoke the rows that ``scope`` selects, and any that a refresh adds.
+    """Revoke the rows that ``scope`` selects.
 
-    A refresh that held a row's lock while the UPDATE waited for it commits
-    a new row that the UPDATE's snapshot does not contain. Each pass takes a
-    new snapshot, so the UPDATE is repeated until a pass changes no row, or
-    until ``MAX_REVOKE_PASSES``. Later refreshes find their row revoked.
-
-    NOTE: if refreshes keep adding rows for every one of those passes, the
-    rows added last stay live. ``complete`` is then False, and the store logs
-    a warning.
+    The caller holds the exclusive user lock, so no refresh of these rows is
+    in flight and the first pass revokes them all. The UPDATE is still
+    repeated until a pass changes no row, at most ``MAX_REVOKE_PASSES``
+    times, for rows that SQL outside this library adds without the lock;
+    ``complete`` is False when they kept coming, and the store logs a warning.
     """
     sql = _REVOKE.format(scope=scope)
     rows = 0
@@ -450,6 +472,7 @@ def set_level(user_id: str, subscription_level: str) -> Operation[int]:
     """
     changed = 0
     params = {"user_id": user_id, "level": subscription_level}
+    yield Query(_LOCK_USER, (user_id,))
     for _ in range(MAX_REVOKE_PASSES):
         result = yield Query(_SET_LEVEL, params)
         if result.rowcount == 0:

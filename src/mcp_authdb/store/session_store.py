@@ -276,6 +276,23 @@ class _StoreCore:
 
         return tokens, operation
 
+    @staticmethod
+    def _plan_replay_revocation(
+        replay: Rejection,
+    ) -> Callable[[], Operation[Revocation]]:
+        """Return the revocation of a replayed refresh token's family.
+
+        It runs after the refresh's transaction, which holds the user lock
+        shared, and before the error is raised, so the family is revoked
+        whatever the caller does with the error.
+        """
+        session_id = replay.session_id or 0
+
+        def operation() -> Operation[Revocation]:
+            return revoke_session_family(session_id)
+
+        return operation
+
     def _refreshed(
         self, tokens: _NewTokens, outcome: Session | Rejection
     ) -> IssuedTokens:
@@ -530,7 +547,11 @@ class AsyncSessionStore(_StoreCore):
         tokens, operation = self._plan_refresh(
             refresh_token, access_lifetime, refresh_lifetime
         )
-        return self._refreshed(tokens, await self._write(operation))
+        outcome = await self._write(operation)
+        if isinstance(outcome, Rejection) and outcome.reason == "replayed":
+            revoke = self._plan_replay_revocation(outcome)
+            outcome = dataclasses.replace(outcome, revocation=await self._write(revoke))
+        return self._refreshed(tokens, outcome)
 
     async def revoke_token(self, token: object) -> int:
         """Revoke the family of an access or refresh token; return rows revoked.
@@ -670,7 +691,11 @@ class SessionStore(_StoreCore):
         tokens, operation = self._plan_refresh(
             refresh_token, access_lifetime, refresh_lifetime
         )
-        return self._refreshed(tokens, self._write(operation))
+        outcome = self._write(operation)
+        if isinstance(outcome, Rejection) and outcome.reason == "replayed":
+            revoke = self._plan_replay_revocation(outcome)
+            outcome = dataclasses.replace(outcome, revocation=self._write(revoke))
+        return self._refreshed(tokens, outcome)
 
     def revoke_token(self, token: object) -> int:
         """Revoke a token's family; see :meth:`AsyncSessionStore.revoke_token`."""
