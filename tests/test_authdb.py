@@ -130,3 +130,23 @@ def test_options_from_env() -> None:
     assert options.replay_window == timedelta(minutes=10)
     assert options.secret_keys == ("session_cookie", "pin")
     assert options.request_log is True
+
+
+def test_truncate_empties_other_caches(db: ScratchDatabase) -> None:
+    async def scenario() -> None:
+        env = environment(db, MCP_AUTHDB_TOKEN_CACHE_TTL="600")
+        async with AsyncAuthDB.from_env(env) as authdb:
+            assert authdb.listener is not None
+            assert await authdb.listener.wait_listening(10)
+            issued = await authdb.sessions.create("dave")
+            assert await authdb.sessions.validate(issued.access_token) is not None
+
+            with db.connect(autocommit=True) as conn:
+                conn.execute("TRUNCATE user_sessions")
+
+            deadline = time.monotonic() + 5
+            while await authdb.sessions.validate(issued.access_token) is not None:
+                assert time.monotonic() < deadline, "the cache kept the session"
+                await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())

@@ -564,3 +564,18 @@ def test_key_file_race_between_threads(tmp_path: Path) -> None:
     assert len(secrets) == 16
     assert len(set(secrets)) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [KEY_FILE_NAME]
+
+
+class _HostileStr(str):
+    def startswith(self, *args: object, **kwargs: object) -> bool:
+        raise RuntimeError("a str subclass ran its own method")
+
+    def __len__(self) -> int:
+        raise RuntimeError("a str subclass ran its own method")
+
+
+def test_str_subclass_is_not_a_token() -> None:
+    token = _HostileStr(new_token(TokenKind.ACCESS))
+
+    assert token_kind(token) is None
+    assert TokenHasher(TokenKeys.parse("k1:" + "t" * 43)).candidates(token) == []

@@ -272,6 +272,7 @@ def test_empty_database_lists_everything(empty_db: ScratchDatabase) -> None:
         "index idx_user_sessions_refresh_token_hash",
         "index idx_user_sessions_user_id",
         "trigger user_sessions_notify_delete on user_sessions",
+        "trigger user_sessions_notify_truncate on user_sessions",
         "trigger user_sessions_notify_update on user_sessions",
         "trigger user_sessions_set_updated_at on user_sessions",
         "function cleanup_expired_sessions()",
@@ -280,6 +281,7 @@ def test_empty_database_lists_everything(empty_db: ScratchDatabase) -> None:
         "function cleanup_request_logs_batch(interval, integer)",
         "procedure cleanup_request_logs_in_batches(interval, integer, bigint)",
         "function mcp_authdb_notify_session_change()",
+        "function mcp_authdb_notify_sessions_truncated()",
         "function mcp_authdb_set_updated_at()",
     ]
     assert {difference.kind for difference in differences} == {"missing"}

@@ -226,3 +226,17 @@ CREATE OR REPLACE TRIGGER user_sessions_notify_delete
     FOR EACH ROW
     WHEN (OLD.expires_at > now() AND OLD.revoked_at IS NULL)
     EXECUTE FUNCTION mcp_authdb_notify_session_change();
+
+CREATE OR REPLACE FUNCTION mcp_authdb_notify_sessions_truncated() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $function$
+        BEGIN
+            PERFORM pg_notify('mcp_authdb_sessions', '');
+            RETURN NULL;
+        END
+        $function$;
+
+CREATE OR REPLACE TRIGGER user_sessions_notify_truncate
+    AFTER TRUNCATE ON user_sessions
+    FOR EACH STATEMENT
+    EXECUTE FUNCTION mcp_authdb_notify_sessions_truncated();

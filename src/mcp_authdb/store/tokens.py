@@ -89,9 +89,10 @@ def token_kind(token: object) -> TokenKind | None:
 
     A well-formed token is a str made of a known prefix and exactly 43
     characters of ``A-Z a-z 0-9 - _``. Every other value gives None without
-    raising: other types, other lengths, non-ASCII text, NUL characters.
+    raising: other types, str subclasses (whose methods could raise), other
+    lengths, non-ASCII text, NUL characters.
     """
-    if not isinstance(token, str):
+    if type(token) is not str:
         return None
 
     for kind in TokenKind:
@@ -302,11 +303,10 @@ class TokenHasher:
         well-formed token of ``kind`` (of either kind when ``kind`` is None).
         The first hash is the one :meth:`hash` gives.
         """
-        if not isinstance(token, str):
-            return []
         found = token_kind(token)
         if found is None or (kind is not None and found is not kind):
             return []
+        assert isinstance(token, str)  # token_kind() accepts only a str
         return [key.hash(token) for key in self.keys.keys]
 
 

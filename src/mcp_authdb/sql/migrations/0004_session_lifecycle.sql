@@ -21,7 +21,8 @@
 -- Changes that must reach the token caches of running processes (revocation,
 -- a shorter expiry, a new subscription level or scope, deletion of a live
 -- row) send a notification on the channel mcp_authdb_sessions whose payload
--- is the row's user_id. PostgreSQL delivers it when the transaction commits.
+-- is the row's user_id; TRUNCATE sends an empty payload, which means every
+-- user. PostgreSQL delivers it when the transaction commits.
 --
 -- Every new column is nullable with no default, so adding it rewrites no
 -- rows. The two new indexes on user_sessions are built in this migration's
@@ -207,6 +208,29 @@ BEGIN
             FOR EACH ROW
             WHEN (OLD.expires_at > now() AND OLD.revoked_at IS NULL)
             EXECUTE FUNCTION mcp_authdb_notify_session_change();
+    END IF;
+    IF to_regprocedure('mcp_authdb_notify_sessions_truncated()') IS NULL THEN
+        CREATE FUNCTION mcp_authdb_notify_sessions_truncated() RETURNS trigger
+            LANGUAGE plpgsql
+            AS $function$
+        BEGIN
+            PERFORM pg_notify('mcp_authdb_sessions', '');
+            RETURN NULL;
+        END
+        $function$;
+    END IF;
+
+    IF NOT EXISTS (
+        SELECT FROM pg_trigger
+        WHERE tgrelid = 'user_sessions'::regclass
+          AND tgname = 'user_sessions_notify_truncate'
+    ) THEN
+        -- Row triggers do not fire on TRUNCATE. An empty payload tells every
+        -- listener to empty its whole cache.
+        CREATE TRIGGER user_sessions_notify_truncate
+            AFTER TRUNCATE ON user_sessions
+            FOR EACH STATEMENT
+            EXECUTE FUNCTION mcp_authdb_notify_sessions_truncated();
     END IF;
 END
 $migration$;
