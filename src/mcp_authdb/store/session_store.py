@@ -54,7 +54,7 @@ from mcp_authdb.store.sessions import (
     Session,
     SessionStats,
     validate_interval,
-    validate_lifetime,
+    validate_lifetimes,
     validate_limit,
     validate_scope,
     validate_session_id,
@@ -193,8 +193,7 @@ class _StoreCore:
         scope_list = validate_scope(scopes)
         validate_subscription_level(subscription_level)
         tokens = self._new_tokens(
-            validate_lifetime("access_lifetime", access_lifetime),
-            validate_lifetime("refresh_lifetime", refresh_lifetime),
+            *validate_lifetimes(access_lifetime, refresh_lifetime)
         )
 
         def operation() -> Operation[Session]:
@@ -256,8 +255,7 @@ class _StoreCore:
         access_lifetime: timedelta,
         refresh_lifetime: timedelta,
     ) -> tuple[_NewTokens, Callable[[], Operation[Session | Rejection]]]:
-        access = validate_lifetime("access_lifetime", access_lifetime)
-        refresh = validate_lifetime("refresh_lifetime", refresh_lifetime)
+        access, refresh = validate_lifetimes(access_lifetime, refresh_lifetime)
         candidates = self.hasher.candidates(refresh_token, TokenKind.REFRESH)
         if not candidates:
             self._reject(Rejection("unknown"))

@@ -18,6 +18,7 @@ Python's precision, so a value reads back equal to the one written.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import re
 import uuid
@@ -39,6 +40,11 @@ TOKEN_HASH_MAX_LENGTH = 255
 SUBSCRIPTION_LEVEL_MAX_LENGTH = 50
 
 DEFAULT_SUBSCRIPTION_LEVEL = "free"
+
+# Limits on granted scopes. OAuth servers grant a handful of short scopes;
+# these bounds stop a caller's mistake, not a real deployment.
+MAX_SCOPES = 100
+MAX_SCOPE_LENGTH = 200
 
 # The maximum token lifetime. Any bound far below the year 9999,
 # which is the end of Python's datetime range, would do: an expiry past it
@@ -215,9 +221,10 @@ def validate_subscription_level(value: object) -> None:
 def validate_scope(value: object) -> list[str]:
     """Return the scopes as a list, or raise InvalidValueError.
 
-    ``value`` must be an iterable of strings, not one string, and each scope
-    must be an RFC 6749 scope-token: one or more printable ASCII characters
-    other than space, '"' and '\\'.
+    ``value`` must be an iterable of at most ``MAX_SCOPES`` strings, not one
+    string, and each scope must be an RFC 6749 scope-token of at most
+    ``MAX_SCOPE_LENGTH`` characters: printable ASCII other than space, '"'
+    and '\\'.
     """
     if isinstance(value, str | bytes | bytearray):
         raise InvalidValueError(
@@ -230,10 +237,16 @@ def validate_scope(value: object) -> list[str]:
             "list of scopes, for example ['content:read']"
         )
 
-    scopes = list(value)
+    # islice: an endless iterator must fail here, not hang.
+    scopes = list(itertools.islice(value, MAX_SCOPES + 1))
+    if len(scopes) > MAX_SCOPES:
+        raise InvalidValueError(
+            f"scope has more than {MAX_SCOPES} scopes; a session keeps a short "
+            "list of granted scopes, so pass at most that many"
+        )
     for index, item in enumerate(scopes):
         field = f"scope[{index}]"
-        text = _validate_text(field, item, max_length=None, secret=False)
+        text = _validate_text(field, item, max_length=MAX_SCOPE_LENGTH, secret=False)
         if not _SCOPE_TOKEN.fullmatch(text):
             raise InvalidValueError(
                 f"{field} is {_preview(text)}, which is not an OAuth scope: a scope "
@@ -288,6 +301,24 @@ def validate_lifetime(field: str, value: object) -> timedelta:
             f"{MAX_LIFETIME.days} days; pass a shorter duration"
         )
     return duration
+
+
+def validate_lifetimes(access: object, refresh: object) -> tuple[timedelta, timedelta]:
+    """Return the access and refresh lifetimes, each checked by validate_lifetime.
+
+    The access token may not outlive the refresh token: a session whose
+    refresh token expires first could no longer be refreshed while its access
+    token still works, which is always a mix-up of the two arguments.
+    """
+    access_lifetime = validate_lifetime("access_lifetime", access)
+    refresh_lifetime = validate_lifetime("refresh_lifetime", refresh)
+    if access_lifetime > refresh_lifetime:
+        raise InvalidValueError(
+            f"access_lifetime={access_lifetime!r} is longer than "
+            f"refresh_lifetime={refresh_lifetime!r}; the refresh token must "
+            "last at least as long as the access token"
+        )
+    return access_lifetime, refresh_lifetime
 
 
 def validate_interval(field: str, value: object, *, allow_zero: bool) -> timedelta:
