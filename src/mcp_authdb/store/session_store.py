@@ -223,19 +223,21 @@ class _StoreCore:
             "params": {"touch_interval": self.touch_interval},
         }
 
-    def _plan_validate(self, access_token: object) -> _Lookup | None:
+    def _cache_key(self, access_token: object) -> str | None:
+        """Return the hash that keys the cache, None for a malformed token."""
+        return self.hasher.newest_hash(access_token, TokenKind.ACCESS)
+
+    def _cached(self, key: str) -> Session | None:
+        return None if self.cache is None else self.cache.get(key)
+
+    def _plan_validate(self, access_token: object, key: str) -> _Lookup:
+        # Only a cache miss gets here, so the hashes under older keys are
+        # made now. The stamp is taken before the database is read, so that
+        # an invalidation during the lookup makes the cache drop the session
+        # that the lookup returns.
         candidates = self.hasher.candidates(access_token, TokenKind.ACCESS)
-        if not candidates:
-            return None
-
-        # The stamp is taken before the cache is read, so that an
-        # invalidation during the database lookup makes the cache drop
-        # the session that the lookup returns.
         stamp = None if self.cache is None else self.cache.begin_lookup()
-        return _Lookup(key=candidates[0], stamp=stamp, candidates=candidates)
-
-    def _cached(self, lookup: _Lookup) -> Session | None:
-        return None if self.cache is None else self.cache.get(lookup.key)
+        return _Lookup(key=key, stamp=stamp, candidates=candidates)
 
     def _validated(
         self, lookup: _Lookup, rows: Sequence[Sequence[Any]]
@@ -518,12 +520,13 @@ class AsyncSessionStore(_StoreCore):
         lookup is one statement, which also records ``last_used_at`` at most
         once per ``touch_interval``.
         """
-        lookup = self._plan_validate(access_token)
-        if lookup is None:
+        key = self._cache_key(access_token)
+        if key is None:
             return None
-        cached = self._cached(lookup)
+        cached = self._cached(key)
         if cached is not None:
             return cached
+        lookup = self._plan_validate(access_token, key)
         rows = await self._validation.fetch(lookup.candidates)
         return self._validated(lookup, rows)
 
@@ -669,12 +672,13 @@ class SessionStore(_StoreCore):
 
         See :meth:`AsyncSessionStore.validate`.
         """
-        lookup = self._plan_validate(access_token)
-        if lookup is None:
+        key = self._cache_key(access_token)
+        if key is None:
             return None
-        cached = self._cached(lookup)
+        cached = self._cached(key)
         if cached is not None:
             return cached
+        lookup = self._plan_validate(access_token, key)
         rows = self._validation.fetch(lookup.candidates)
         return self._validated(lookup, rows)
 

@@ -78,6 +78,11 @@ class TokenKind(enum.Enum):
 ACCESS_TOKEN_PREFIX = TokenKind.ACCESS.prefix
 REFRESH_TOKEN_PREFIX = TokenKind.REFRESH.prefix
 
+_KINDS_BY_PREFIX = {kind.prefix: kind for kind in TokenKind}
+# Both prefixes have the same length, so one slice finds the kind.
+_PREFIX_LENGTH = len(ACCESS_TOKEN_PREFIX)
+_TOKEN_LENGTH = _PREFIX_LENGTH + TOKEN_BODY_LENGTH
+
 
 def new_token(kind: TokenKind) -> str:
     """Return a new random token of ``kind``, 256 bits from :mod:`secrets`."""
@@ -92,16 +97,14 @@ def token_kind(token: object) -> TokenKind | None:
     raising: other types, str subclasses (whose methods could raise), other
     lengths, non-ASCII text, NUL characters.
     """
-    if type(token) is not str:
+    if type(token) is not str or len(token) != _TOKEN_LENGTH:
         return None
 
-    for kind in TokenKind:
-        if len(token) == len(kind.prefix) + TOKEN_BODY_LENGTH and token.startswith(
-            kind.prefix
-        ):
-            body = token[len(kind.prefix) :]
-            return kind if _TOKEN_BODY.fullmatch(body) else None
-    return None
+    # Validation runs this on every request, so it avoids iterating the enum.
+    kind = _KINDS_BY_PREFIX.get(token[:_PREFIX_LENGTH])
+    if kind is None or not _TOKEN_BODY.fullmatch(token, _PREFIX_LENGTH):
+        return None
+    return kind
 
 
 class TokenKey:
@@ -111,7 +114,7 @@ class TokenKey:
     for an invalid id, or a secret that is not bytes of at least 32 bytes.
     """
 
-    __slots__ = ("key_id", "secret")
+    __slots__ = ("_keyed_hmac", "key_id", "secret")
 
     def __init__(self, key_id: str, secret: bytes) -> None:
         if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
@@ -132,13 +135,18 @@ class TokenKey:
             )
         self.key_id = key_id
         self.secret = secret
+        # Keying an HMAC costs as much as hashing a token, so each hash
+        # copies this keyed, empty one.
+        self._keyed_hmac = hmac.new(secret, digestmod=hashlib.sha256)
 
     def __repr__(self) -> str:
         return f"TokenKey(key_id={self.key_id!r})"
 
     def hash(self, token: str) -> str:
         """Return the stored form of ``token`` under this key."""
-        mac = hmac.new(self.secret, token.encode("ascii"), hashlib.sha256).digest()
+        keyed = self._keyed_hmac.copy()
+        keyed.update(token.encode("ascii"))
+        mac = keyed.digest()
         encoded = base64.urlsafe_b64encode(mac).rstrip(b"=").decode("ascii")
         return f"{self.key_id}:{encoded}"
 
@@ -294,6 +302,19 @@ class TokenHasher:
                 f"the value to hash ({type(token).__name__}) is not a token made "
                 "by new_token(): a prefix and 43 base64url characters"
             )
+        return self.keys.newest.hash(token)
+
+    def newest_hash(self, token: object, kind: TokenKind | None = None) -> str | None:
+        """Return the hash of ``token`` under the newest key, or None.
+
+        None, at once and without raising, unless ``token`` is a well-formed
+        token of ``kind`` (of either kind when ``kind`` is None). This is the
+        first of :meth:`candidates`, for callers that may not need the rest.
+        """
+        found = token_kind(token)
+        if found is None or (kind is not None and found is not kind):
+            return None
+        assert isinstance(token, str)  # token_kind() accepts only a str
         return self.keys.newest.hash(token)
 
     def candidates(self, token: object, kind: TokenKind | None = None) -> list[str]:
