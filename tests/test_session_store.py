@@ -25,7 +25,7 @@ from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
 from mcp_authdb.db.connection import resolve_target
-from mcp_authdb.db.pool import AsyncDatabase, Database
+from mcp_authdb.db.pool import AsyncDatabase, Database, Operation, Query
 from mcp_authdb.errors import (
     ConnectionFailedError,
     InvalidGrantError,
@@ -195,6 +195,26 @@ def test_concurrent_validations_each_get_their_session(db: ScratchDatabase) -> N
         assert users == expected * 3
 
     run(scenario)
+
+
+def test_touch_leaves_synchronous_commit_on(db: ScratchDatabase) -> None:
+    async def scenario() -> list[tuple[Any, ...]]:
+        settings = db.settings.replace(pool_size=1)
+        target = resolve_target(db.url, settings)
+        async with AsyncDatabase(target, settings) as database:
+            store = AsyncSessionStore(database, HASHER)
+            issued = await store.create("erin")
+            session = await store.validate(issued.access_token)
+            assert session is not None
+            assert session.last_used_at is not None
+
+            def show() -> Operation[list[tuple[Any, ...]]]:
+                result = yield Query("SHOW synchronous_commit")
+                return result.rows
+
+            return await database.run(show, transaction=False)
+
+    assert run(scenario) == [("on",)]
 
 
 def test_validate_rejects_expired_and_revoked(db: ScratchDatabase) -> None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any, NoReturn, Protocol, TypeVar
 
@@ -38,6 +38,7 @@ from mcp_authdb.store.session_operations import (
     NewPair,
     Rejection,
     Revocation,
+    ValidatedSession,
     count_sessions,
     insert_session_row,
     list_live_sessions,
@@ -46,6 +47,7 @@ from mcp_authdb.store.session_operations import (
     revoke_token_family,
     revoke_user_sessions,
     set_level,
+    touch_session,
     validated_session,
 )
 from mcp_authdb.store.sessions import (
@@ -239,17 +241,33 @@ class _StoreCore:
         stamp = None if self.cache is None else self.cache.begin_lookup()
         return _Lookup(key=key, stamp=stamp, candidates=candidates)
 
+    def _plan_touch(
+        self, found: ValidatedSession | None
+    ) -> Callable[[], Operation[datetime | None]] | None:
+        if found is None or not found.touch_due:
+            return None
+        session_id = found.session.session_id
+        interval = self.touch_interval
+
+        def operation() -> Operation[datetime | None]:
+            return touch_session(session_id, interval)
+
+        return operation
+
     def _validated(
-        self, lookup: _Lookup, rows: Sequence[Sequence[Any]]
+        self,
+        lookup: _Lookup,
+        found: ValidatedSession | None,
+        touched_at: datetime | None = None,
     ) -> Session | None:
-        found = validated_session(rows)
         if found is None:
             return None
+        session = found.session
+        if touched_at is not None:
+            session = dataclasses.replace(session, last_used_at=touched_at)
         if self.cache is not None:
-            self.cache.put(
-                lookup.key, found.session, found.database_now, stamp=lookup.stamp
-            )
-        return found.session
+            self.cache.put(lookup.key, session, found.database_now, stamp=lookup.stamp)
+        return session
 
     def _plan_refresh(
         self,
@@ -527,8 +545,12 @@ class AsyncSessionStore(_StoreCore):
         if cached is not None:
             return cached
         lookup = self._plan_validate(access_token, key)
-        rows = await self._validation.fetch(lookup.candidates)
-        return self._validated(lookup, rows)
+        found = validated_session(await self._validation.fetch(lookup.candidates))
+        touch = self._plan_touch(found)
+        if touch is None:
+            return self._validated(lookup, found)
+        touched_at = await self.database.run(touch, transaction=False, idempotent=True)
+        return self._validated(lookup, found, touched_at)
 
     async def refresh(
         self,
@@ -679,8 +701,12 @@ class SessionStore(_StoreCore):
         if cached is not None:
             return cached
         lookup = self._plan_validate(access_token, key)
-        rows = self._validation.fetch(lookup.candidates)
-        return self._validated(lookup, rows)
+        found = validated_session(self._validation.fetch(lookup.candidates))
+        touch = self._plan_touch(found)
+        if touch is None:
+            return self._validated(lookup, found)
+        touched_at = self.database.run(touch, transaction=False, idempotent=True)
+        return self._validated(lookup, found, touched_at)
 
     def refresh(
         self,
