@@ -424,6 +424,188 @@ CASES = [
         },
     ),
     Case(
+        "more secret key names",
+        {
+            "parameters": {
+                "passcode": "1",
+                "accessKey": "2",
+                "aws_access_key_id": "3",
+                "AWS_SECRET_ACCESS_KEY": "4",
+                "id_token_hint": "5",
+                "tokens": ["6"],
+                "signature": "7",
+                "sig": "8",
+                "pin": 9,
+                "otp": "10",
+                "session": "11",
+                "jwt": "12",
+                "assertion": "13",
+                "client_assertion": "14",
+                "code_verifier": "15",
+                "\uff30\uff21\uff33\uff33\uff37\uff2f\uff32\uff24": "16",
+            }
+        },
+        {
+            "parameters": {
+                "passcode": REDACTED,
+                "accessKey": REDACTED,
+                "aws_access_key_id": REDACTED,
+                "AWS_SECRET_ACCESS_KEY": REDACTED,
+                "id_token_hint": REDACTED,
+                "tokens": REDACTED,
+                "signature": REDACTED,
+                "sig": REDACTED,
+                "pin": REDACTED,
+                "otp": REDACTED,
+                "session": REDACTED,
+                "jwt": REDACTED,
+                "assertion": REDACTED,
+                "client_assertion": REDACTED,
+                "code_verifier": REDACTED,
+                "\uff30\uff21\uff33\uff33\uff37\uff2f\uff32\uff24": REDACTED,
+            }
+        },
+    ),
+    Case(
+        "key names that stay",
+        {
+            "parameters": {
+                "key": "k",
+                "cache_key": "c",
+                "sort_key": "s",
+                "session_state": "st",
+                "pinned": True,
+                "description": "basic",
+                "kind": "Bearer",
+            }
+        },
+        {
+            "parameters": {
+                "key": "k",
+                "cache_key": "c",
+                "sort_key": "s",
+                "session_state": "st",
+                "pinned": True,
+                "description": "basic",
+                "kind": "Bearer",
+            }
+        },
+    ),
+    Case(
+        "authorization schemes in text",
+        {
+            "method": "call Basic Zm9vOmJhcg==",
+            "user_id": "bearer u1-0123456",
+            "status": "BEARER s3cr3t-token, retry",
+            "parameters": {
+                "header": "Authorization: Bearer abc.def-ghi",
+                "lines": ["basic\tdXNlcjpwYXNz", "x (Bearer tok_12345678) y"],
+                "prose": "the basic plan, a Bearer of news, Basic Subscription",
+            },
+        },
+        {
+            "method": f"call Basic {REDACTED}",
+            "user_id": f"bearer {REDACTED}",
+            "status": f"BEARER {REDACTED}, retry",
+            "parameters": {
+                "header": f"Authorization: Bearer {REDACTED}",
+                "lines": [f"basic\t{REDACTED}", f"x (Bearer {REDACTED}) y"],
+                "prose": "the basic plan, a Bearer of news, Basic Subscription",
+            },
+        },
+    ),
+    Case(
+        "secrets in URLs and query strings",
+        {
+            "parameters": {
+                "callback": "https://app.example/cb?code=abc&state=x",
+                "target": "postgresql://u:PW@db.example/app",
+                "empty_user": "redis://:PW@cache.example:6379/0",
+                "redirect": "https://a.example/x?next=https://b.example/"
+                "?access_token=T&id_token=I&ok=1",
+                "form": "client_secret=s&grant_type=authorization_code",
+                "extra": "/hook?x-signature=abc&n=1",
+                "clean": "http://host.example:8080/p?q=1#top",
+                "https://u:PW@key.example/": 1,
+            },
+            "status": "failed: postgresql://app:PW@h/db",
+        },
+        {
+            "parameters": {
+                "callback": f"https://app.example/cb?code={REDACTED}&state=x",
+                "target": f"postgresql://u:{REDACTED}@db.example/app",
+                "empty_user": f"redis://:{REDACTED}@cache.example:6379/0",
+                "redirect": "https://a.example/x?next=https://b.example/"
+                f"?access_token={REDACTED}&id_token={REDACTED}&ok=1",
+                "form": f"client_secret={REDACTED}&grant_type=authorization_code",
+                "extra": f"/hook?x-signature={REDACTED}&n=1",
+                "clean": "http://host.example:8080/p?q=1#top",
+                f"https://u:{REDACTED}@key.example/": 1,
+            },
+            "status": f"failed: postgresql://app:{REDACTED}@h/db",
+        },
+    ),
+    Case(
+        "secret pairs in free text",
+        {
+            "parameters": {
+                "env": "PASSWORD=hunter2 HOME=/root DATABASE_URL=postgres://x",
+                "quoted": 'api_key = "a b c" next',
+                "open_quote": "token='abc def",
+                "empty": 'password="" x',
+                "plain": "a=b and c = d, zip_code=12345",
+                "after_newline": "x\ncode=abc",
+                "fullwidth": "\uff30\uff21\uff33\uff33\uff37\uff2f\uff32\uff24=x",
+            },
+            "user_id": "user sig=abc",
+        },
+        {
+            "parameters": {
+                "env": f"PASSWORD={REDACTED} HOME=/root DATABASE_URL={REDACTED}",
+                "quoted": f'api_key = "{REDACTED}" next',
+                "open_quote": f"token='{REDACTED}",
+                "empty": 'password="" x',
+                "plain": "a=b and c = d, zip_code=12345",
+                "after_newline": f"x\ncode={REDACTED}",
+                "fullwidth": "\uff30\uff21\uff33\uff33\uff37\uff2f\uff32\uff24="
+                + REDACTED,
+            },
+            "user_id": f"user sig={REDACTED}",
+        },
+    ),
+    Case(
+        "secret pairs in lists",
+        {
+            "parameters": {
+                "headers": [
+                    ["Authorization", "Bearer x"],
+                    ("Cookie", "sid=1"),
+                    ["Accept", "json"],
+                    ["token", {"n": 1}],
+                ],
+                "three": ["password", "a", "b"],
+                "pair_of_lists": [["password"], "a"],
+            }
+        },
+        {
+            "parameters": {
+                "headers": [
+                    ["Authorization", REDACTED],
+                    ["Cookie", REDACTED],
+                    ["Accept", "json"],
+                    ["token", REDACTED],
+                ],
+                "three": ["password", "a", "b"],
+                "pair_of_lists": [["password"], "a"],
+            }
+        },
+    ),
+    Case(
+        "long text column with a URL password",
+        {"user_id": "postgresql://user:" + "p" * 300},
+        {"user_id": f"postgresql://user:{REDACTED}…[cut from 318 chars]"},
+    ),
+    Case(
         "str subclasses and enums",
         {
             "parameters": {
@@ -588,7 +770,7 @@ CASES = [
         {"created_at": AWARE},
     ),
     Case(
-        "naive created_at is local time",
+        "naive created_at is read as local time",
         {"created_at": NAIVE},
         {"created_at": NAIVE.astimezone(dt.UTC)},
     ),
@@ -651,6 +833,46 @@ def test_ten_megabyte_parameter_is_cut(db: ScratchDatabase, char: str) -> None:
     # Only the kept part is converted, so the call costs far less than
     # copying 10 MB would.
     assert cost < 0.2
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        {f"key-{index}": index for index in range(1_000_000)},
+        {"ids": set(range(1_000_000))},
+    ],
+    ids=["dict", "set"],
+)
+def test_million_items_are_cut_quickly(
+    db: ScratchDatabase, parameters: dict[str, Any]
+) -> None:
+    with RequestLog(target_of(db), db.settings, **FAST) as writer:
+        began = time.perf_counter()
+        writer.log("tools/call", parameters=parameters)
+        cost = time.perf_counter() - began
+
+    stored = stored_rows(db)[0][2]
+    assert stored["[truncated]"] is True
+    # Each item not visited counts as at least four bytes in an object and
+    # one in an array.
+    assert stored["original_bytes_at_least"] >= 1_000_000
+    first_key = next(iter(parameters))
+    assert stored["preview"].startswith(f'{{"{first_key}":')
+    # Walking every item took over a second; the part that fits takes a few
+    # milliseconds. The bound leaves room for a loaded machine.
+    assert cost < 0.3
+
+
+def test_cut_text_hides_url_password(db: ScratchDatabase) -> None:
+    # The @ after the password lies beyond the part that is kept.
+    url = "postgresql://app:" + "p" * 20_000 + "@db.example/app"
+    with RequestLog(target_of(db), db.settings, **FAST) as writer:
+        writer.log("tools/call", parameters={"url": url})
+
+    stored = stored_rows(db)[0][2]
+    assert stored["[truncated]"] is True
+    assert stored["preview"].startswith('{"url":"postgresql://app:[REDACTED]')
+    assert "pppp" not in stored["preview"]
 
 
 def test_parameters_with_many_values_are_cut(db: ScratchDatabase) -> None:

@@ -5,23 +5,63 @@ returns a row that PostgreSQL accepts. The rules, applied in this order:
 
 1. **Secrets.** In ``parameters``, at any depth, the value of a key that looks
    secret becomes the string ``"[REDACTED]"``, whatever its type, nested
-   objects included. Keys are compared after normalizing: case-folded, with
+   objects included. Keys are compared after normalizing: NFKC-normalized
+   (so fullwidth letters become the usual ones), case-folded, with
    everything but letters and digits removed, so ``Client-Secret``,
    ``client_secret`` and ``clientSecret`` are all ``clientsecret``. A
    normalized key is secret when
 
-   - it is one of :data:`SECRET_KEYS` (``code``, ``token``, ``password``,
-     ``authorization``, ``cookie``, ``apikey``, ``sessionid``, ...), or one
-     of the ``extra_secret_keys`` given to the sanitizer, normalized the same
-     way;
+   - it is one of :data:`SECRET_KEYS` (``code``, ``token``, ``tokens``,
+     ``password``, ``authorization``, ``cookie``, ``session``, ``pin``,
+     ``sig``, ``signature``, ``idtokenhint``, ...), or one of the
+     ``extra_secret_keys`` given to the sanitizer, normalized the same way;
    - it ends with one of :data:`SECRET_KEY_SUFFIXES` (``token``, ``secret``,
-     ...), so ``access_token``, ``github_token`` and ``webhook_secret`` match
+     ``accesskey``, ``assertion``, ...), so ``access_token``,
+     ``github_token``, ``client_assertion`` and ``webhook_secret`` match
      but ``max_tokens`` and ``token_type`` do not;
-   - it contains one of :data:`SECRET_KEY_PARTS` (``password``, ``secret``,
-     ``apikey``, ``privatekey``, ``credential``, ``tokenhash``, ...).
+   - it contains one of :data:`SECRET_KEY_PARTS` (``password``,
+     ``passcode``, ``secret``, ``apikey``, ``privatekey``, ``credential``,
+     ``tokenhash``, ...).
 
-   In every text, parameters and columns alike, a token issued by this
-   library (``mcpat_...``, ``mcprt_...``) becomes ``[REDACTED]`` too.
+   ``key`` alone is not secret, and neither is a name that only ends with
+   it, such as ``cache_key`` or ``sort_key``: most such keys name a lookup,
+   not a credential. Pass ``extra_secret_keys`` for those that do.
+
+   A list, tuple or deque of exactly two items whose first item is a str
+   and a secret key, such as ``["Authorization", "Bearer x"]`` in a list of
+   headers, is a key and value pair, and its second item is redacted.
+
+   Free text is redacted too, in every string: values and keys at any depth
+   of ``parameters``, and the ``method``, ``status`` and ``user_id``
+   columns. In this order:
+
+   - the credential after the word ``Bearer`` or ``Basic`` (any case) and
+     whitespace, keeping the scheme: ``Bearer [REDACTED]``. A credential is
+     at least 8 characters of the RFC 7235 token68 alphabet (letters, digits,
+     ``-._~+/``, then any ``=``) with a digit, a symbol or a capital after
+     its first letter, so prose such as ``basic plan`` or ``the basic
+     subscription`` is kept;
+   - the password of a URL with userinfo:
+     ``postgresql://u:PW@h/db`` becomes ``postgresql://u:[REDACTED]@h/db``.
+     When only the start of a long text is kept, a ``user:`` URL at its end
+     loses the rest even without an ``@``, which may have been cut off;
+   - the value of ``NAME=value``, in query strings and free text alike,
+     when NAME (letters, digits, ``_``, ``.`` and ``-``; spaces or tabs may
+     surround the ``=``) is a secret key by the rules above:
+     ``?code=abc&state=x`` becomes ``?code=[REDACTED]&state=x`` and
+     ``PASSWORD=hunter2`` becomes ``PASSWORD=[REDACTED]``. The value runs to
+     whitespace, ``&`` or a quote, and a quoted value to its closing quote.
+     A URL under a name that is not secret is searched for further pairs.
+     ``DATABASE_URL`` is a secret key (``databaseurl``), so
+     ``DATABASE_URL=postgresql://...`` loses the whole URL.
+
+   A string is searched only when it contains ``=``, ``://``, ``bearer`` or
+   ``basic`` (any case), so most strings cost a few substring checks. A
+   secret written some other way, such as JSON text inside a string, a
+   percent-encoded name or ``Authorization: Token x``, is stored as written.
+
+   In every text, a token issued by this library (``mcpat_...``,
+   ``mcprt_...``) becomes ``[REDACTED]`` too.
 
 2. **Values JSON cannot hold.** ``parameters`` is stored as jsonb. A value
    that is not JSON (a str, an int, a finite float, a bool, None, a list, or
@@ -62,15 +102,22 @@ returns a row that PostgreSQL accepts. The rules, applied in this order:
    ``original_bytes`` is an estimate made while the value is walked, which
    counts strings by their UTF-8 length without JSON escape characters.
    The count stops after :data:`MEASURE_NODE_LIMIT` values, and the key is
-   then ``original_bytes_at_least``. Only the part of the value that fits is
-   converted, so a 10 MB parameter costs about as much as one of
-   ``max_parameters_bytes``, plus measuring the length of its strings.
+   then ``original_bytes_at_least``: each dict, list or other sized
+   container whose count was stopped adds a lower bound for the items it
+   did not visit from its length (four bytes an object item, one an array
+   item), without visiting them. Only the part of the value that fits is
+   converted, so a 10 MB string or a dict of a million keys costs about as
+   much as a value of ``max_parameters_bytes``, plus measuring the length of
+   the strings counted. A set too large to fit is walked in its own order
+   instead of sorted.
 
    ``method`` (100 characters), ``status`` (50) and ``user_id`` (255) longer
    than their column are cut, ending with ``"…[cut from N chars]"`` within the
-   limit. A value that is not a str is converted as in rule 2 and stored as
-   its JSON text when it is not a string. None is stored as NULL, except in
-   ``method``, which is NOT NULL and stores the empty string.
+   limit. A text that redacting made longer than its column is cut the same
+   way, with N its redacted length. A value that is not a str is converted
+   as in rule 2 and stored as its JSON text when it is not a string. None
+   is stored as NULL, except in ``method``, which is NOT NULL and stores the
+   empty string.
 
 5. **Numbers.** ``response_size`` and ``duration_ms`` are stored as integers:
    a float, Decimal or Fraction is rounded to the nearest whole number (half
@@ -81,9 +128,15 @@ returns a row that PostgreSQL accepts. The rules, applied in this order:
    as that maximum.
 
 6. **Time.** ``created_at`` defaults to the time of the call. An aware
-   datetime is stored as the same instant. A naive one is read as local time,
-   as :meth:`datetime.astimezone` does. Any other value, or a datetime that
-   cannot be converted to UTC, gives the time of the call.
+   datetime is stored as the same instant. A naive one is read as the local
+   time of this process, as :meth:`datetime.astimezone` does, and stored as
+   that instant. Elsewhere this library rejects naive datetimes, because
+   PostgreSQL would read them in the connection's TimeZone setting, which
+   the caller cannot see. Here an error is worse than a guess: the request
+   was served, its row must be stored, and :meth:`RowSanitizer.row` never
+   raises. The guess is wrong when the caller meant UTC on a machine whose
+   local time is not UTC, so pass aware datetimes. Any other value, or a
+   datetime that cannot be converted to UTC, gives the time of the call.
 """
 
 from __future__ import annotations
@@ -95,6 +148,7 @@ import json
 import math
 import numbers
 import re
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
@@ -127,11 +181,13 @@ MEASURE_NODE_LIMIT = 10_000
 
 SECRET_KEYS = frozenset(
     {
+        "accesskeyid",
         "assertion",
         "auth",
         "authcode",
         "authorization",
         "authorizationcode",
+        "awsaccesskeyid",
         "bearer",
         "code",
         "codeverifier",
@@ -141,19 +197,26 @@ SECRET_KEYS = frozenset(
         "databaseurl",
         "devicecode",
         "dsn",
+        "idtokenhint",
         "jwt",
         "otp",
         "pass",
         "passwd",
+        "pin",
         "pwd",
         "secret",
+        "session",
         "sessionid",
+        "sig",
+        "signature",
         "token",
+        "tokens",
         "totp",
         "usercode",
     }
 )
 SECRET_KEY_SUFFIXES = (
+    "accesskey",
     "apikey",
     "assertion",
     "authorization",
@@ -165,6 +228,7 @@ SECRET_KEY_SUFFIXES = (
 SECRET_KEY_PARTS = (
     "apikey",
     "credential",
+    "passcode",
     "passphrase",
     "passwd",
     "password",
@@ -176,6 +240,33 @@ SECRET_KEY_PARTS = (
 # Tokens issued by this library: a prefix and the 43 characters of
 # secrets.token_urlsafe(32). Shorter tails match too, for cut tokens.
 _LIBRARY_TOKEN = re.compile(r"mcp(?:at|rt)_[A-Za-z0-9_-]{8,}")
+# Free-text secrets. The credential after an authorization scheme runs to
+# whitespace, a quote, an angle bracket, a comma or a semicolon.
+# A credential is at least 8 characters of the token68 alphabet of RFC 7235
+# with a digit, a symbol or an inner capital, so that prose such as "basic
+# plan" or "the basic subscription" keeps its next word.
+_AUTH_SCHEME = re.compile(
+    r"\b((?i:bearer|basic))(\s+)"
+    r"(?=[A-Za-z0-9\-._~+/]*(?:[0-9\-._~+/]|[A-Za-z][A-Z]))"
+    r"[A-Za-z0-9\-._~+/]{8,}=*(?![A-Za-z0-9\-._~+/=])"
+)
+# The password of scheme://user:password@host runs to the last @ before the
+# path, query, fragment or whitespace. In the start of a cut text it may also
+# run to the end, because the @ may have been cut off. The scheme is not
+# checked, so a malformed one hides nothing.
+_URL_PASSWORD = re.compile(r"(://[^\s/?#@:]*:)[^\s/?#]+(?=@)")
+_URL_PASSWORD_IN_CUT_TEXT = re.compile(r"(://[^\s/?#@:]*:)[^\s/?#]+(?=@|\Z)")
+# The NAME of NAME=value, matched in the reversed text from the character
+# before the =, so each = costs one anchored match however long the text.
+_REVERSED_PAIR_NAME = re.compile(r"[ \t]*([\w.-]+)")
+# The value of NAME=value. A quoted value runs to its closing quote, or to
+# the end of the text when it has none. Any other value runs to whitespace,
+# & or a quote.
+_PAIR_VALUE = re.compile(r"[ \t]*(\"[^\"]*\"?|'[^']*'?|[^\s&\"']+)")
+# Lower bounds of the JSON bytes of one item that was not visited: "":0 in
+# an object, and one digit in an array (commas not counted).
+_MIN_OBJECT_ITEM_BYTES = 4
+_MIN_ARRAY_ITEM_BYTES = 1
 # The decimal digits of a MAX_INT_BITS-bit int.
 _MAX_INT_DIGITS = int(MAX_INT_BITS * math.log10(2)) + 1
 _LONG_DIGITS = re.compile(f"[0-9]{{{_MAX_INT_DIGITS},}}")
@@ -184,6 +275,9 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 # The secret-key decisions are cached per normalized key; the cache is
 # emptied when it reaches this size, so odd keys cannot grow it forever.
 _KEY_CACHE_LIMIT = 10_000
+# Column texts found plain are remembered the same way, because most calls
+# repeat a few methods, statuses and user ids.
+_PLAIN_TEXT_CACHE_LIMIT = 10_000
 
 _ENCODER = json.JSONEncoder(
     ensure_ascii=False, separators=(",", ":"), allow_nan=False, check_circular=False
@@ -208,8 +302,17 @@ def _require_whole_number(name: str, value: object, low: int, high: int) -> None
 
 
 def normalize_key(key: str) -> str:
-    """Return ``key`` case-folded, with everything but letters and digits removed."""
-    return _NOT_ALPHANUMERIC.sub("", key.casefold())
+    """Return ``key`` NFKC-normalized and case-folded, with only letters and digits.
+
+    NFKC turns compatibility characters, such as fullwidth letters, into the
+    usual ones, so a fullwidth PASSWORD becomes ``password``.
+    """
+    folded = key.casefold()
+    if not folded.isascii():
+        # Case folding can undo NFKC, so it is applied again afterwards.
+        folded = unicodedata.normalize("NFKC", key).casefold()
+        folded = unicodedata.normalize("NFKC", folded)
+    return _NOT_ALPHANUMERIC.sub("", folded)
 
 
 def clean_text(text: str) -> str:
@@ -237,6 +340,14 @@ def clean_text(text: str) -> str:
 def _is_plain_text(text: str) -> bool:
     """Tell whether :func:`clean_text` surely leaves ``text`` as it is."""
     return text.isascii() and "\x00" not in text and "mcp" not in text
+
+
+def _may_contain_secret(text: str) -> bool:
+    """Tell whether a free-text secret rule may match in ``text``."""
+    if "=" in text or "://" in text:
+        return True
+    lowered = text.lower()
+    return "bearer" in lowered or "basic" in lowered
 
 
 def _repair_surrogates(text: str) -> str:
@@ -295,7 +406,8 @@ class RowSanitizer:
     ``max_parameters_bytes`` caps the UTF-8 size of the parameters' JSON,
     ``max_depth`` the nesting of containers, and ``extra_secret_keys`` adds
     keys to :data:`SECRET_KEYS` (normalized with :func:`normalize_key`).
-    Thread-safe: it keeps only a cache of secret-key decisions. Raises
+    Thread-safe: it keeps only caches of secret-key decisions and of column
+    texts that need no change. Raises
     :class:`InvalidValueError` for a limit out of range.
     """
 
@@ -325,6 +437,7 @@ class RowSanitizer:
         self.extra_secret_keys = frozenset(normalize_key(k) for k in extra_secret_keys)
         self._secret_keys = SECRET_KEYS | self.extra_secret_keys
         self._key_cache: dict[str, bool] = {}
+        self._plain_texts: set[str] = set()
         self.depth_marker = f"[nested deeper than {max_depth}]"
 
     def row(
@@ -366,19 +479,83 @@ class RowSanitizer:
             self._key_cache[key] = decision
         return decision
 
+    def clean(self, text: str, *, cut: bool = False) -> str:
+        """Repair ``text`` with :func:`clean_text` and redact its free-text secrets.
+
+        Pass ``cut=True`` when ``text`` is the start of a longer text whose
+        rest is not stored, so a URL password may run to its end.
+        """
+        if type(text) is str and _is_plain_text(text) and not _may_contain_secret(text):
+            return text  # The common case, checked first for speed.
+        text = clean_text(text)
+        if _may_contain_secret(text):
+            text = self._redact_free_text(text, cut=cut)
+        return text
+
+    def _redact_free_text(self, text: str, *, cut: bool) -> str:
+        # The scheme rule comes first, so "Authorization=Bearer x" loses the
+        # credential after the space too.
+        lowered = text.lower()
+        if "bearer" in lowered or "basic" in lowered:
+            text = _AUTH_SCHEME.sub(r"\1\2" + REDACTED, text)
+        if "://" in text:
+            url_password = _URL_PASSWORD_IN_CUT_TEXT if cut else _URL_PASSWORD
+            text = url_password.sub(r"\1" + REDACTED, text)
+        if "=" in text:
+            text = self._redact_pairs(text)
+        return text
+
+    def _redact_pairs(self, text: str) -> str:
+        """Return ``text`` with the value of each secret NAME=value redacted."""
+        equals = text.find("=")
+        if equals < 0:
+            return text
+        reversed_text = text[::-1]
+        pieces: list[str] = []
+        kept_from = 0
+        while equals >= 0:
+            # The character before the = is at len(text) - equals in the
+            # reversed text.
+            name = _REVERSED_PAIR_NAME.match(reversed_text, len(text) - equals)
+            value = None
+            if name is not None and self.is_secret_key(name.group(1)[::-1]):
+                value = _PAIR_VALUE.match(text, equals + 1)
+            replacement = None if value is None else _redacted_value(value.group(1))
+            if value is None or replacement is None:
+                # The value may contain further pairs, as a URL in a query does.
+                equals = text.find("=", equals + 1)
+                continue
+            pieces.append(text[kept_from : value.start(1)])
+            pieces.append(replacement)
+            kept_from = value.end()
+            equals = text.find("=", kept_from)
+        if not pieces:
+            return text
+        pieces.append(text[kept_from:])
+        return "".join(pieces)
+
     def column_text(self, value: object, max_length: int) -> str | None:
         """Return ``value`` as text for a varchar column, or None for NULL."""
         if value is None:
             return None
-        if type(value) is str and len(value) <= max_length and _is_plain_text(value):
-            return value  # The common case, checked first for speed.
+        if type(value) is str and len(value) <= max_length:
+            # The common case, checked first for speed.
+            if value in self._plain_texts:
+                return value
+            if _is_plain_text(value) and not _may_contain_secret(value):
+                if len(self._plain_texts) >= _PLAIN_TEXT_CACHE_LIMIT:
+                    self._plain_texts.clear()
+                self._plain_texts.add(value)
+                return value
         if isinstance(value, str):
             if len(value) <= max_length:
-                return clean_text(value)
+                # A redacted text can be longer than the original.
+                return cut_text(self.clean(value), max_length)
             # Only the part that is kept gets cleaned; the marker gives the
             # original length.
             marker = f"…[cut from {len(value)} chars]"
-            return clean_text(value[: max_length - len(marker)]) + marker
+            keep = max_length - len(marker)
+            return self.clean(value[:keep], cut=True)[:keep] + marker
         # Four bytes per character is the most UTF-8 needs, so this budget
         # always keeps enough to fill the column.
         walk = _Walk(self, budget=4 * max_length)
@@ -438,6 +615,10 @@ class RowSanitizer:
         # int over MAX_INT_BITS bits.
         if "\\u0000" in text or "mcpat_" in text or "mcprt_" in text:
             return None
+        # JSON escapes never touch the characters of the free-text markers,
+        # so a string that may contain a secret leaves its marker here too.
+        if _may_contain_secret(text) and not self._free_text_is_clean(value):
+            return None
         if len(text) >= _MAX_INT_DIGITS and _LONG_DIGITS.search(text):
             return None
         return data
@@ -459,6 +640,9 @@ class RowSanitizer:
             return -1
         size = 2
         if type(container) is dict:
+            # Each item takes at least five bytes: "":0 and a comma.
+            if 5 * len(container) > budget:
+                return -1
             cache = self._key_cache
             for key in container:
                 if type(key) is str:
@@ -473,8 +657,15 @@ class RowSanitizer:
                     return -1
                 else:
                     size += 4
+                if size > budget:
+                    return -1
             items: Iterable[object] = container.values()
         else:
+            # Each item takes at least two bytes: a digit and a comma.
+            if 2 * len(container) > budget:
+                return -1
+            if len(container) == 2 and self._is_secret_pair(container):
+                return -1
             items = container
         for item in items:
             kind = type(item)
@@ -492,6 +683,40 @@ class RowSanitizer:
             if size > budget:
                 return -1
         return size
+
+    def _free_text_is_clean(self, value: dict[Any, Any] | list[Any]) -> bool:
+        """Tell whether no free-text rule changes a string in ``value``.
+
+        ``value`` has passed :meth:`_plain_size`, so its containers are exact
+        dicts and lists, and its keys are exact strs or not strs at all.
+        """
+        pending: list[dict[Any, Any] | list[Any]] = [value]
+        while pending:
+            container = pending.pop()
+            items: Iterable[object]
+            if type(container) is dict:
+                for key in container:
+                    if type(key) is str and not self._text_is_clean(key):
+                        return False
+                items = container.values()
+            else:
+                items = container
+            for item in items:
+                if type(item) is dict or type(item) is list:
+                    pending.append(item)
+                elif isinstance(item, str) and not self._text_is_clean(item):
+                    return False
+        return True
+
+    def _text_is_clean(self, text: str) -> bool:
+        if not _may_contain_secret(text):
+            return True
+        return self._redact_free_text(text, cut=False) == text
+
+    def _is_secret_pair(self, items: Any) -> bool:
+        """Tell whether ``items``, a list, tuple or deque of two, is a key and value."""
+        first = items[0]
+        return isinstance(first, str) and self.is_secret_key(first)
 
     def _truncated(self, partial: object, walk: _Walk) -> bytes:
         """Return the truncation marker, with as long a preview as fits."""
@@ -524,12 +749,24 @@ class _Walk:
     ``size`` counts the compact JSON of what was walked, strings by their
     UTF-8 length. Once it exceeds ``budget``, ``over`` is set and the rest is
     only counted, up to :data:`MEASURE_NODE_LIMIT` values (then ``stopped``).
+    After that, each container whose walk was stopped adds a lower bound for
+    the items it did not visit, from its ``len()``.
     """
 
-    __slots__ = ("active", "budget", "nodes", "over", "sanitizer", "size", "stopped")
+    __slots__ = (
+        "active",
+        "budget",
+        "clean",
+        "nodes",
+        "over",
+        "sanitizer",
+        "size",
+        "stopped",
+    )
 
     def __init__(self, sanitizer: RowSanitizer, budget: int | None) -> None:
         self.sanitizer = sanitizer
+        self.clean = sanitizer.clean
         self.budget = budget
         self.size = 0
         self.over = False
@@ -574,11 +811,11 @@ class _Walk:
         if budget is not None and len(text) > budget - self.size:
             # It cannot fit, so only the part that may go into the preview is
             # cleaned, and the rest is only counted.
-            prefix = clean_text(text[: max(0, budget - self.size)])
+            prefix = self.clean(text[: max(0, budget - self.size)], cut=True)
             self.size += utf8_length(text) + 2
             self.over = True
             return prefix
-        text = clean_text(text)
+        text = self.clean(text)
         self.add(utf8_length(text) + 2)
         return text
 
@@ -623,16 +860,20 @@ class _Walk:
             return marker
         result: dict[str, Any] = {}
         is_secret = self.sanitizer.is_secret_key
+        visited = 0
         try:
             self.add(2)
             for key, item in items:
                 if self.over:
                     if self.stopped:
+                        self.count_rest(container, visited, _MIN_OBJECT_ITEM_BYTES)
                         break
+                    visited += 1
                     self.measure(key, depth + 1)
                     self.measure(item, depth + 1)
                     self.size += 2
                     continue
+                visited += 1
                 name = self.key(key)
                 self.add(2)
                 if is_secret(name):
@@ -650,15 +891,26 @@ class _Walk:
         if marker is not None:
             return marker
         result: list[Any] = []
+        secret_pair = (
+            isinstance(container, list | tuple | collections.deque)
+            and len(container) == 2
+            and self.sanitizer._is_secret_pair(container)
+        )
+        visited = 0
         try:
             self.add(2)
             for item in items:
                 if self.over:
                     if self.stopped:
+                        self.count_rest(container, visited, _MIN_ARRAY_ITEM_BYTES)
                         break
+                    visited += 1
                     self.measure(item, depth + 1)
                     self.size += 1
                     continue
+                if secret_pair and visited == 1:
+                    item = REDACTED
+                visited += 1
                 result.append(self.build(item, depth + 1))
                 self.add(1)
         finally:
@@ -678,6 +930,10 @@ class _Walk:
         if isinstance(value, Mapping):
             return self.mapping(value, value.items(), depth)
         if isinstance(value, set | frozenset):
+            # Sorting a set that cannot fit anyway would cost more than
+            # walking the part that fits.
+            if self.budget is not None and 2 * len(value) > self.budget:
+                return self.sequence(value, value, depth)
             return self.sequence(value, _sorted_if_possible(value), depth)
         if isinstance(value, list | tuple | collections.deque):
             return self.sequence(value, value, depth)
@@ -711,11 +967,12 @@ class _Walk:
         elif depth >= self.sanitizer.max_depth:
             self.size += len(self.sanitizer.depth_marker) + 2
         elif isinstance(value, Mapping):
-            self._measure_items(value.items(), depth)
+            self._measure_items(value, value.items(), depth)
         elif isinstance(value, list | tuple | set | frozenset | collections.deque):
             self.size += 2
-            for item in value:
+            for visited, item in enumerate(value):
                 if self.stopped:
+                    self.count_rest(value, visited, _MIN_ARRAY_ITEM_BYTES)
                     break
                 self.measure(item, depth + 1)
                 self.size += 1
@@ -723,18 +980,43 @@ class _Walk:
             self.size += len(type_name(value)) + 18
 
     def _measure_items(
-        self, items: Iterable[tuple[object, object]], depth: int
+        self, container: object, items: Iterable[tuple[object, object]], depth: int
     ) -> None:
         self.size += 2
+        visited = 0
         try:
             for key, item in items:
                 if self.stopped:
+                    self.count_rest(container, visited, _MIN_OBJECT_ITEM_BYTES)
                     break
+                visited += 1
                 self.measure(key, depth + 1)
                 self.measure(item, depth + 1)
                 self.size += 2
         except Exception:
             pass
+
+    def count_rest(self, container: object, visited: int, item_bytes: int) -> None:
+        """Add ``item_bytes`` for each item of ``container`` after the ``visited``."""
+        try:
+            rest = len(container) - visited  # type: ignore[arg-type]
+        except Exception:
+            return  # A container without a usable length adds nothing.
+        if rest > 0:
+            self.size += rest * item_bytes
+
+
+def _redacted_value(written: str) -> str | None:
+    """Return what replaces the value ``written`` of a secret pair, or None."""
+    quote = written[0]
+    if quote not in "\"'":
+        return REDACTED
+    if len(written) >= 2 and written.endswith(quote):
+        if len(written) == 2:
+            return None  # An empty quoted value hides nothing.
+        return quote + REDACTED + quote
+    # A quote left open runs to the end of the text.
+    return quote + REDACTED
 
 
 def _sorted_if_possible(items: Iterable[object]) -> list[object]:
