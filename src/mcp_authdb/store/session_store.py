@@ -535,8 +535,9 @@ class AsyncSessionStore(_StoreCore):
         ``expires_at`` is after the database's ``now()``, and it is not
         revoked. Any other value, of any type, gives None; a malformed one
         without a database call. Raises only when the database fails. The
-        lookup is one statement, which also records ``last_used_at`` at most
-        once per ``touch_interval``.
+        lookup is one read-only statement, shared with concurrent callers; a
+        second statement records ``last_used_at`` at most once per
+        ``touch_interval``.
         """
         key = self._cache_key(access_token)
         if key is None:
