@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+import psycopg
 import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
@@ -592,6 +593,91 @@ def test_revocation_stops_refresh_chains(db: ScratchDatabase, scope: str) -> Non
             assert (await store.list_sessions("mallory")) == []
             for pair in forks:
                 assert await store.validate(pair.access_token) is None
+
+    run(scenario)
+
+
+def hold_user_lock(db: ScratchDatabase, user_id: str) -> psycopg.Connection[Any]:
+    """Return a connection that holds ``user_id``'s lock shared, as a refresh does."""
+    conn = db.connect()
+    conn.execute(
+        "SELECT pg_advisory_xact_lock_shared("
+        "hashtextextended('mcp-authdb user ' || %s, 0))",
+        (user_id,),
+    )
+    return conn
+
+
+def test_replay_revokes_even_if_caller_gives_up(db: ScratchDatabase) -> None:
+    async def scenario() -> None:
+        async with async_store(db, refresh_grace=timedelta(0)) as store:
+            first = await store.create("victim")
+            stolen = await store.refresh(first.refresh_token)
+
+            # An in-flight refresh of the same user holds the lock, so the
+            # second revocation pass waits, and the caller gives up first.
+            blocker = hold_user_lock(db, "victim")
+            try:
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(1):
+                        await store.refresh(first.refresh_token)
+            finally:
+                blocker.close()
+
+            assert await store.validate(stolen.access_token) is None
+            with pytest.raises(InvalidGrantError):
+                await store.refresh(stolen.refresh_token)
+
+    run(scenario)
+
+
+def test_revoke_session_follows_new_family(db: ScratchDatabase) -> None:
+    with sync_store(db) as store:
+        issued = store.create("legacy")
+        session_id = issued.session.session_id
+        with db.connect(autocommit=True) as conn:
+            conn.execute(
+                "UPDATE user_sessions SET family_id = NULL WHERE id = %s", (session_id,)
+            )
+
+        # The refresh waits for the row while holding the user lock shared;
+        # the revocation starts meanwhile and must see the family the
+        # refresh gives the row.
+        row_holder = db.connect()
+        row_holder.execute(
+            "SELECT 1 FROM user_sessions WHERE id = %s FOR UPDATE", (session_id,)
+        )
+        with ThreadPoolExecutor(2) as pool:
+            refreshed = pool.submit(store.refresh, issued.refresh_token)
+            time.sleep(0.3)
+            revoked = pool.submit(store.revoke_session, session_id)
+            time.sleep(0.3)
+            row_holder.close()
+            new_pair = refreshed.result(timeout=10)
+            assert revoked.result(timeout=10) == 2
+
+        assert store.validate(new_pair.access_token) is None
+
+
+def test_concurrent_validations_touch_once(db: ScratchDatabase) -> None:
+    async def scenario() -> None:
+        async with async_store(db) as store:
+            issued = await store.create("busy")
+            sent: list[str] = []
+            original = store.database.run
+
+            async def counting_run(operation: Any, **options: Any) -> Any:
+                sent.append(operation.__qualname__)
+                return await original(operation, **options)
+
+            store.database.run = counting_run  # type: ignore[method-assign]
+            found = await asyncio.gather(
+                *(store.validate(issued.access_token) for _ in range(50))
+            )
+
+        assert all(session is not None for session in found)
+        touches = [name for name in sent if name.startswith("_StoreCore._plan_touch")]
+        assert len(touches) == 1
 
     run(scenario)
 

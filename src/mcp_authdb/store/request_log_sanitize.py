@@ -261,8 +261,8 @@ _URL_PASSWORD_IN_CUT_TEXT = re.compile(r"(://[^\s/?#@:]*:)[^\s/?#]+(?=@|\Z)")
 _REVERSED_PAIR_NAME = re.compile(r"[ \t]*([\w.-]+)")
 # The value of NAME=value. A quoted value runs to its closing quote, or to
 # the end of the text when it has none. Any other value runs to whitespace,
-# & or a quote.
-_PAIR_VALUE = re.compile(r"[ \t]*(\"[^\"]*\"?|'[^']*'?|[^\s&\"']+)")
+# & or a quote, and does not start with =, so "token == x" is a comparison.
+_PAIR_VALUE = re.compile(r"[ \t]*(\"[^\"]*\"?|'[^']*'?|[^\s&\"'=][^\s&\"']*)")
 # Lower bounds of the JSON bytes of one item that was not visited: "":0 in
 # an object, and one digit in an array (commas not counted).
 _MIN_OBJECT_ITEM_BYTES = 4

@@ -288,6 +288,12 @@ class Revocation:
     user_ids: frozenset[str]
     complete: bool = True
 
+    def then(self, later: Revocation) -> Revocation:
+        """Return this revocation followed by ``later``, as one."""
+        return Revocation(
+            self.rows + later.rows, self.user_ids | later.user_ids, later.complete
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class Rejection:
@@ -383,9 +389,12 @@ def refresh_session(
     - not rotated: the row is rotated, and a new row joins its family. A row
       without a family gets ``new_family_id`` for both.
     - rotated within ``grace``: another new row joins the family.
-    - rotated before ``grace``: a replay. Nothing changes here; the caller
-      revokes the family with :func:`revoke_session_family` in a transaction
-      of its own, which must wait for this one's shared user lock to go.
+    - rotated before ``grace``: a replay. The family's rows that this
+      transaction can see are revoked here, so that the revocation commits
+      with the rejection even if the caller gives up. A refresh of the same
+      family that commits meanwhile is outside this snapshot, so the caller
+      then runs :func:`revoke_session_family`, which takes the user lock
+      exclusive, in a transaction of its own.
     """
     locked = yield Query(_LOCK_USER_FOR_REFRESH, {"candidates": list(candidates)})
     if not locked.rows:
@@ -405,7 +414,8 @@ def refresh_session(
     if not rotated and not unexpired:
         return Rejection("expired", session_id, user_id, family_id)
     if rotated and not within_grace:
-        return Rejection("replayed", session_id, user_id, family_id)
+        revocation = yield from _revoke_family(session_id, family_id)
+        return Rejection("replayed", session_id, user_id, family_id, revocation)
 
     params = {
         "parent_id": session_id,
@@ -433,8 +443,7 @@ def revoke_token_family(
     if not result.rows:
         return Revocation(0, frozenset())
     row_id, family_id, user_id = result.rows[0]
-    yield Query(_LOCK_USER, (user_id,))
-    return (yield from _revoke_family(int(row_id), family_id))
+    return (yield from _revoke_family_locked(int(row_id), family_id, user_id))
 
 
 def revoke_session_family(session_id: int) -> Operation[Revocation]:
@@ -443,14 +452,29 @@ def revoke_session_family(session_id: int) -> Operation[Revocation]:
     if not result.rows:
         return Revocation(0, frozenset())
     row_id, family_id, user_id = result.rows[0]
-    yield Query(_LOCK_USER, (user_id,))
-    return (yield from _revoke_family(int(row_id), family_id))
+    return (yield from _revoke_family_locked(int(row_id), family_id, user_id))
 
 
 def revoke_user_sessions(user_id: str) -> Operation[Revocation]:
     """Revoke every row of ``user_id``."""
     yield Query(_LOCK_USER, (user_id,))
     return (yield from revoke_rows(_SCOPE_USER, user_id))
+
+
+def _revoke_family_locked(
+    row_id: int, family_id: uuid.UUID | None, user_id: str
+) -> Operation[Revocation]:
+    """Take the user lock exclusive, then revoke the row's family.
+
+    A refresh that held the lock may have given a row without a family a new
+    ``family_id``, for the row and its new child, so the family is read
+    again once the lock is held.
+    """
+    yield Query(_LOCK_USER, (user_id,))
+    again = yield Query(_FIND_BY_ID, (row_id,))
+    if again.rows:
+        family_id = again.rows[0][1]
+    return (yield from _revoke_family(row_id, family_id))
 
 
 def _revoke_family(row_id: int, family_id: uuid.UUID | None) -> Operation[Revocation]:

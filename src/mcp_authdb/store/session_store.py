@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
@@ -164,6 +165,9 @@ class _StoreCore:
         self.touch_interval = validate_interval(
             "touch_interval", touch_interval, allow_zero=True
         )
+        # Ids of the sessions whose last_used_at this process is writing.
+        self._touching: set[int] = set()
+        self._touch_lock = threading.Lock()
         if self.replay_window < self.refresh_grace:
             raise InvalidValueError(
                 f"replay_window={self.replay_window!r} is shorter than "
@@ -249,10 +253,21 @@ class _StoreCore:
         session_id = found.session.session_id
         interval = self.touch_interval
 
+        # Concurrent validations of one token all find the touch due; one of
+        # them writes it, and the others do not queue a write of their own.
+        with self._touch_lock:
+            if session_id in self._touching:
+                return None
+            self._touching.add(session_id)
+
         def operation() -> Operation[datetime | None]:
             return touch_session(session_id, interval)
 
         return operation
+
+    def _touch_done(self, found: ValidatedSession) -> None:
+        with self._touch_lock:
+            self._touching.discard(found.session.session_id)
 
     def _validated(
         self,
@@ -298,11 +313,11 @@ class _StoreCore:
     def _plan_replay_revocation(
         replay: Rejection,
     ) -> Callable[[], Operation[Revocation]]:
-        """Return the revocation of a replayed refresh token's family.
+        """Return the second revocation of a replayed refresh token's family.
 
-        It runs after the refresh's transaction, which holds the user lock
-        shared, and before the error is raised, so the family is revoked
-        whatever the caller does with the error.
+        The refresh's transaction already revoked the rows it could see. This
+        one runs after it, with the user lock exclusive, and catches a row
+        that a concurrent refresh of the family committed meanwhile.
         """
         session_id = replay.session_id or 0
 
@@ -310,6 +325,11 @@ class _StoreCore:
             return revoke_session_family(session_id)
 
         return operation
+
+    @staticmethod
+    def _swept(replay: Rejection, sweep: Revocation) -> Rejection:
+        first = replay.revocation or Revocation(0, frozenset())
+        return dataclasses.replace(replay, revocation=first.then(sweep))
 
     def _refreshed(
         self, tokens: _NewTokens, outcome: Session | Rejection
@@ -550,7 +570,13 @@ class AsyncSessionStore(_StoreCore):
         touch = self._plan_touch(found)
         if touch is None:
             return self._validated(lookup, found)
-        touched_at = await self.database.run(touch, transaction=False, idempotent=True)
+        assert found is not None  # a touch is planned for a found session only
+        try:
+            touched_at = await self.database.run(
+                touch, transaction=False, idempotent=True
+            )
+        finally:
+            self._touch_done(found)
         return self._validated(lookup, found, touched_at)
 
     async def refresh(
@@ -573,8 +599,8 @@ class AsyncSessionStore(_StoreCore):
         )
         outcome = await self._write(operation)
         if isinstance(outcome, Rejection) and outcome.reason == "replayed":
-            revoke = self._plan_replay_revocation(outcome)
-            outcome = dataclasses.replace(outcome, revocation=await self._write(revoke))
+            sweep = await self._write(self._plan_replay_revocation(outcome))
+            outcome = self._swept(outcome, sweep)
         return self._refreshed(tokens, outcome)
 
     async def revoke_token(self, token: object) -> int:
@@ -706,7 +732,11 @@ class SessionStore(_StoreCore):
         touch = self._plan_touch(found)
         if touch is None:
             return self._validated(lookup, found)
-        touched_at = self.database.run(touch, transaction=False, idempotent=True)
+        assert found is not None  # a touch is planned for a found session only
+        try:
+            touched_at = self.database.run(touch, transaction=False, idempotent=True)
+        finally:
+            self._touch_done(found)
         return self._validated(lookup, found, touched_at)
 
     def refresh(
@@ -722,8 +752,8 @@ class SessionStore(_StoreCore):
         )
         outcome = self._write(operation)
         if isinstance(outcome, Rejection) and outcome.reason == "replayed":
-            revoke = self._plan_replay_revocation(outcome)
-            outcome = dataclasses.replace(outcome, revocation=self._write(revoke))
+            sweep = self._write(self._plan_replay_revocation(outcome))
+            outcome = self._swept(outcome, sweep)
         return self._refreshed(tokens, outcome)
 
     def revoke_token(self, token: object) -> int:
