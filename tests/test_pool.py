@@ -822,8 +822,8 @@ def test_sync_batcher_many_threads(items_db: ScratchDatabase) -> None:
     with counting_sync_database(items_db) as database:
         batcher = database.lookup_batcher(LOOKUP)
 
-        # Each thread asks for keys of its own, because one statement asks
-        # once for a key that several callers want.
+        # Each thread requests keys of its own, because one statement looks
+        # up a key only once however many callers want it.
         def work(index: int) -> bool:
             for round_number in range(12):
                 key = index * 12 + round_number

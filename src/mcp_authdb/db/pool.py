@@ -106,7 +106,7 @@ class Query:
 
 @dataclasses.dataclass(frozen=True)
 class Result:
-    """What a statement gave back: its rows (empty without any) and row count."""
+    """The rows of one statement (empty when it returns none) and its row count."""
 
     rows: list[tuple[Any, ...]]
     rowcount: int
@@ -118,8 +118,8 @@ Operation = Generator[Query, Result, T]
 class _Attempt:
     """The retry policy shared by both drivers: when to retry, how long to pause.
 
-    A driver calls :meth:`failed` with the error of an attempt; it returns the
-    pause before the next attempt, or raises the error to give to the caller.
+    A driver calls :meth:`failed` with the error of an attempt. It returns the
+    pause before the next attempt, or raises the error for the caller.
     """
 
     def __init__(self, wait_s: float, description: str) -> None:

@@ -25,7 +25,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Self
+from typing import Any, Self
 
 from mcp_authdb.db import open_target
 from mcp_authdb.db.pool import AsyncDatabase, Database
@@ -133,6 +133,20 @@ class AuthDBOptions:
             schedule=CleanupSchedule.from_env(env),
         )
 
+    def store_options(self) -> dict[str, Any]:
+        """Return the session store's keyword arguments from these options."""
+        return {
+            "refresh_grace": self.refresh_grace,
+            "replay_window": self.replay_window,
+        }
+
+    def request_log_options(self) -> dict[str, Any]:
+        """Return the request log writer's keyword arguments from these options."""
+        return {
+            "extra_secret_keys": self.secret_keys,
+            "max_parameters_bytes": self.max_parameters_bytes,
+        }
+
 
 class AsyncAuthDB:
     """The pool, session store, cache, request log and scheduler of a process.
@@ -204,19 +218,12 @@ class AsyncAuthDB:
             await stack.enter_async_context(self.listener)
 
         self._sessions = AsyncSessionStore(
-            self.database,
-            self.hasher,
-            cache=self.cache,
-            refresh_grace=options.refresh_grace,
-            replay_window=options.replay_window,
+            self.database, self.hasher, cache=self.cache, **options.store_options()
         )
 
         if options.request_log:
             request_log = AsyncRequestLog(
-                target,
-                self.settings,
-                extra_secret_keys=options.secret_keys,
-                max_parameters_bytes=options.max_parameters_bytes,
+                target, self.settings, **options.request_log_options()
             )
             await request_log.open()
             stack.push_async_callback(request_log.aclose)
@@ -299,19 +306,12 @@ class AuthDB:
             self.listener = stack.enter_context(SessionListener(target, self.cache))
 
         self._sessions = SessionStore(
-            self.database,
-            self.hasher,
-            cache=self.cache,
-            refresh_grace=options.refresh_grace,
-            replay_window=options.replay_window,
+            self.database, self.hasher, cache=self.cache, **options.store_options()
         )
 
         if options.request_log:
             request_log = RequestLog(
-                target,
-                self.settings,
-                extra_secret_keys=options.secret_keys,
-                max_parameters_bytes=options.max_parameters_bytes,
+                target, self.settings, **options.request_log_options()
             )
             request_log.open()
             stack.callback(request_log.close)

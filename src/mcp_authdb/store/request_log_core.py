@@ -469,8 +469,8 @@ class WriterCore:
         known. A connection lost during COMMIT leaves the outcome unknown, so
         the next step queries the transaction's status before anything is
         written again.
-        ``reused`` tells that the connection was open before this attempt: a
-        server restart or an idle timeout may have closed it meanwhile, so
+        ``reused`` is true when the connection was open before this attempt.
+        A server restart or an idle timeout may have closed it meanwhile, so
         its loss at BEGIN is retried at once on a new connection, without a
         warning, unless the writer was already failing.
         """

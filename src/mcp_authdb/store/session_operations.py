@@ -58,15 +58,13 @@ VALUES (
 RETURNING {_SESSION_COLUMNS}
 """
 
-# The touch takes the row lock with SKIP LOCKED, so a validation never waits
-# for a refresh or a revocation that holds it, and skips the touch instead.
-# The validation statement, for the pool's lookup batcher: it looks up the
-# hashes of every caller waiting at that moment, so it returns the matching
-# hash first, for the batcher to hand each row to its caller. The last column
-# says whether last_used_at is due to be written, which TOUCH then does in a
-# statement of its own, at most once per touch interval: a read-only lookup
-# costs the server a fifth of one that carries an UPDATE, even an UPDATE that
-# changes nothing.
+# The validation statement of the pool's lookup batcher. It looks up the
+# hashes of every caller waiting at that moment, so its first column is the
+# matching hash, by which the batcher hands each row to its caller. The last
+# column tells whether last_used_at is due, which TOUCH then writes in a
+# statement of its own. The lookup stays read-only because that is cheaper:
+# measured at 8 us on the server against 44 us with an UPDATE in a CTE, even
+# one that changed nothing.
 VALIDATE = """
 SELECT access_token_hash, id, family_id, user_id, scope, subscription_level,
        expires_at, coalesce(refresh_expires_at, expires_at), created_at,
@@ -78,11 +76,11 @@ WHERE access_token_hash = ANY(%(candidates)s::text[])
   AND revoked_at IS NULL
 """
 
-# Sets last_used_at unless another process just did, or another transaction
-# holds the row (SKIP LOCKED: validation never waits for a refresh or a
-# revocation). Its commit does not wait for the WAL flush
-# (synchronous_commit off for this statement's transaction only): a crash can
-# lose the last touches, never anything else.
+# Set last_used_at unless another process just did. A row locked by a
+# refresh or a revocation is skipped (SKIP LOCKED), so validation never waits
+# for one. The commit does not wait for the WAL flush, because
+# synchronous_commit is off for this statement's transaction only. A crash
+# can therefore lose the latest touches, and nothing else.
 TOUCH = """
 WITH async_commit AS (
     SELECT set_config('synchronous_commit', 'off', true)

@@ -253,8 +253,8 @@ class _StoreCore:
         session_id = found.session.session_id
         interval = self.touch_interval
 
-        # Concurrent validations of one token all find the touch due; one of
-        # them writes it, and the others do not queue a write of their own.
+        # Concurrent validations of one token all find the touch due. One of
+        # them writes it, so the others skip theirs.
         with self._touch_lock:
             if session_id in self._touching:
                 return None
