@@ -150,6 +150,47 @@ def test_create_returns_tokens_and_session(db: ScratchDatabase) -> None:
     assert validated.last_used_at.tzinfo is UTC
 
 
+def test_create_runs_then_in_its_transaction(db: ScratchDatabase) -> None:
+    execute(db, "CREATE TABLE session_notes (session_id bigint, note text)")
+
+    def note(text: str) -> Callable[[Session], Operation[object]]:
+        def operation(session: Session) -> Operation[object]:
+            yield Query(
+                "INSERT INTO session_notes VALUES (%s, %s)", (session.session_id, text)
+            )
+            if text == "refused":
+                raise LookupError("the caller refuses this session")
+            return None
+
+        return operation
+
+    async def scenario() -> IssuedTokens:
+        async with async_store(db) as store:
+            with pytest.raises(LookupError, match="refuses"):
+                await store.create("user-1", then=note("refused"))
+            return await store.create("user-2", then=note("kept"))
+
+    issued = run(scenario)
+
+    # The refused sign-in left neither its session nor its note behind.
+    assert [row["user_id"] for row in rows_by_id(db).values()] == ["user-2"]
+    with db.connect() as conn:
+        notes = conn.execute("SELECT session_id, note FROM session_notes").fetchall()
+    assert notes == [(issued.session.session_id, "kept")]
+
+
+def test_revoke_token_ignores_codes_and_states(db: ScratchDatabase) -> None:
+    async def scenario() -> list[int]:
+        async with async_store(db) as store:
+            await store.create("user-1")
+            return [
+                await store.revoke_token(new_token(kind))
+                for kind in (TokenKind.CODE, TokenKind.STATE)
+            ]
+
+    assert run(scenario) == [0, 0]
+
+
 def test_issued_tokens_repr_hides_tokens(db: ScratchDatabase) -> None:
     async def scenario() -> IssuedTokens:
         async with async_store(db) as store:

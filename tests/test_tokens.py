@@ -67,6 +67,21 @@ def test_new_token_format() -> None:
     assert REFRESH_TOKEN_PREFIX == "mcprt_"
 
 
+@pytest.mark.parametrize(
+    ("kind", "prefix"), [(TokenKind.CODE, "mcpac_"), (TokenKind.STATE, "mcpst_")]
+)
+def test_codes_and_states_hash_like_tokens(kind: TokenKind, prefix: str) -> None:
+    value = new_token(kind)
+    hasher = TokenHasher(TokenKeys.parse(f"k2:{'b' * 43},k1:{'a' * 43}"))
+
+    assert value.startswith(prefix)
+    assert len(value) == 49
+    assert token_kind(value) is kind
+    assert hasher.candidates(value, kind)[0] == hasher.hash(value)
+    assert len(hasher.candidates(value, kind)) == 2
+    assert hasher.candidates(value, TokenKind.ACCESS) == []
+
+
 def test_new_tokens_are_distinct() -> None:
     tokens_made = {new_token(TokenKind.ACCESS) for _ in range(1000)}
 

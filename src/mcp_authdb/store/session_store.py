@@ -194,6 +194,7 @@ class _StoreCore:
         subscription_level: str,
         access_lifetime: timedelta,
         refresh_lifetime: timedelta,
+        then: Callable[[Session], Operation[object]] | None,
     ) -> tuple[_NewTokens, Callable[[], Operation[Session]]]:
         validate_user_id(user_id)
         scope_list = validate_scope(scopes)
@@ -203,9 +204,12 @@ class _StoreCore:
         )
 
         def operation() -> Operation[Session]:
-            return insert_session_row(
+            session = yield from insert_session_row(
                 user_id, scope_list, subscription_level, tokens.pair, tokens.family_id
             )
+            if then is not None:
+                yield from then(session)
+            return session
 
         return tokens, operation
 
@@ -399,7 +403,7 @@ class _StoreCore:
         self, token: object
     ) -> Callable[[], Operation[Revocation]] | None:
         kind = token_kind(token)
-        if kind is None:
+        if kind is not TokenKind.ACCESS and kind is not TokenKind.REFRESH:
             return None
         candidates = self.hasher.candidates(token, kind)
         column = (
@@ -535,6 +539,7 @@ class AsyncSessionStore(_StoreCore):
         subscription_level: str = DEFAULT_SUBSCRIPTION_LEVEL,
         access_lifetime: timedelta = DEFAULT_ACCESS_LIFETIME,
         refresh_lifetime: timedelta = DEFAULT_REFRESH_LIFETIME,
+        then: Callable[[Session], Operation[object]] | None = None,
     ) -> IssuedTokens:
         """Sign ``user_id`` in: store a new family's first row, return its tokens.
 
@@ -542,9 +547,21 @@ class AsyncSessionStore(_StoreCore):
         :class:`InvalidValueError`, before any SQL, for a ``user_id`` that
         does not fit the column, scopes that are not OAuth scope strings, an
         invalid level, or a lifetime that is not a positive timedelta.
+
+        ``then``, when given, is called with the new row's :class:`Session`
+        and its operation runs in the same transaction, after the insert, so
+        that rows which belong with the session commit with it or not at all.
+        Its result is ignored. An exception it raises rolls the transaction
+        back and propagates. Like every operation, it may run more than once
+        when the transaction is retried.
         """
         tokens, operation = self._plan_create(
-            user_id, scopes, subscription_level, access_lifetime, refresh_lifetime
+            user_id,
+            scopes,
+            subscription_level,
+            access_lifetime,
+            refresh_lifetime,
+            then,
         )
         return self._created(tokens, await self._write(operation))
 
@@ -709,10 +726,16 @@ class SessionStore(_StoreCore):
         subscription_level: str = DEFAULT_SUBSCRIPTION_LEVEL,
         access_lifetime: timedelta = DEFAULT_ACCESS_LIFETIME,
         refresh_lifetime: timedelta = DEFAULT_REFRESH_LIFETIME,
+        then: Callable[[Session], Operation[object]] | None = None,
     ) -> IssuedTokens:
         """Sign ``user_id`` in; see :meth:`AsyncSessionStore.create`."""
         tokens, operation = self._plan_create(
-            user_id, scopes, subscription_level, access_lifetime, refresh_lifetime
+            user_id,
+            scopes,
+            subscription_level,
+            access_lifetime,
+            refresh_lifetime,
+            then,
         )
         return self._created(tokens, self._write(operation))
 

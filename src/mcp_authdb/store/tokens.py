@@ -64,10 +64,17 @@ _TOKEN_BODY = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
 class TokenKind(enum.Enum):
-    """The two kinds of token, each with its prefix as the value."""
+    """The kinds of secret this library makes, each with its prefix as the value.
+
+    Access and refresh tokens are the pair of a user session. An authorization
+    code and an OAuth state are one-time values of a sign-in, stored hashed
+    the same way by the OAuth layer.
+    """
 
     ACCESS = "mcpat_"
     REFRESH = "mcprt_"
+    CODE = "mcpac_"
+    STATE = "mcpst_"
 
     @property
     def prefix(self) -> str:
@@ -79,8 +86,9 @@ ACCESS_TOKEN_PREFIX = TokenKind.ACCESS.prefix
 REFRESH_TOKEN_PREFIX = TokenKind.REFRESH.prefix
 
 _KINDS_BY_PREFIX = {kind.prefix: kind for kind in TokenKind}
-# Both prefixes have the same length, so one slice finds the kind.
+# Every prefix has the same length, so one slice finds the kind.
 _PREFIX_LENGTH = len(ACCESS_TOKEN_PREFIX)
+assert all(len(kind.prefix) == _PREFIX_LENGTH for kind in TokenKind)
 _TOKEN_LENGTH = _PREFIX_LENGTH + TOKEN_BODY_LENGTH
 
 
@@ -308,7 +316,7 @@ class TokenHasher:
         """Return the hash of ``token`` under the newest key, or None.
 
         None, at once and without raising, unless ``token`` is a well-formed
-        token of ``kind`` (of either kind when ``kind`` is None). This is the
+        token of ``kind`` (of any kind when ``kind`` is None). This is the
         first of :meth:`candidates`, for callers that may not need the rest.
         """
         found = token_kind(token)
@@ -321,7 +329,7 @@ class TokenHasher:
         """Return the hashes under which ``token`` may be stored, newest key first.
 
         The list is empty, at once and without raising, unless ``token`` is a
-        well-formed token of ``kind`` (of either kind when ``kind`` is None).
+        well-formed token of ``kind`` (of any kind when ``kind`` is None).
         The first hash is the one :meth:`hash` gives.
         """
         found = token_kind(token)
