@@ -1,4 +1,4 @@
-"""The package's layers import only downwards: sql, db, store, then the CLI."""
+"""The package's layers import only downwards: sql, db, store, server, then the CLI."""
 
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ ALLOWED = {
     "mcp_authdb.sql": {"mcp_authdb.errors"},
     "mcp_authdb.db": {"mcp_authdb.errors", "mcp_authdb.sql"},
     "mcp_authdb.store": {"mcp_authdb.errors", "mcp_authdb.sql", "mcp_authdb.db"},
+    "mcp_authdb.server": {
+        "mcp_authdb.errors",
+        "mcp_authdb.sql",
+        "mcp_authdb.db",
+        "mcp_authdb.store",
+    },
 }
 
 

@@ -25,7 +25,14 @@ from conftest import ScratchDatabase
 SQL_DIR = Path(mcp_authdb.sql.__file__).parent
 SCHEMA_FILE = SQL_DIR / "schema.sql"
 MIGRATION_FILES = [SQL_DIR / "migrations" / m.filename for m in load_migrations()]
-EXPECTED_TABLES = {"user_sessions", "request_logs"}
+EXPECTED_TABLES = {
+    "user_sessions",
+    "request_logs",
+    "oauth_clients",
+    "oauth_pending_authorizations",
+    "oauth_codes",
+    "oauth_grants",
+}
 PSQL_TIMEOUT_S = 60
 
 

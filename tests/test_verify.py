@@ -261,6 +261,15 @@ def test_empty_database_lists_everything(empty_db: ScratchDatabase) -> None:
 
     objects = [difference.object for difference in differences]
     assert objects == [
+        "table oauth_clients",
+        "index idx_oauth_clients_source_created",
+        "index idx_oauth_clients_unused",
+        "table oauth_codes",
+        "index idx_oauth_codes_expires",
+        "table oauth_grants",
+        "index idx_oauth_grants_client_id",
+        "table oauth_pending_authorizations",
+        "index idx_oauth_pending_expires",
         "table request_logs",
         "index idx_request_logs_created_brin",
         "index idx_request_logs_user_created",
@@ -278,6 +287,7 @@ def test_empty_database_lists_everything(empty_db: ScratchDatabase) -> None:
         "function cleanup_expired_sessions()",
         "function cleanup_expired_sessions_batch(integer)",
         "procedure cleanup_expired_sessions_in_batches(integer, bigint)",
+        "function cleanup_oauth_state(interval)",
         "function cleanup_request_logs_batch(interval, integer)",
         "procedure cleanup_request_logs_in_batches(interval, integer, bigint)",
         "function mcp_authdb_notify_session_change()",

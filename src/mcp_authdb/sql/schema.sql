@@ -240,3 +240,141 @@ CREATE OR REPLACE TRIGGER user_sessions_notify_truncate
     AFTER TRUNCATE ON user_sessions
     FOR EACH STATEMENT
     EXECUTE FUNCTION mcp_authdb_notify_sessions_truncated();
+
+CREATE TABLE IF NOT EXISTS oauth_clients (
+    client_id text PRIMARY KEY CHECK (length(client_id) BETWEEN 1 AND 2048),
+    metadata jsonb NOT NULL,
+    client_secret_encrypted bytea,
+    kind varchar(20) NOT NULL
+        CHECK (kind IN ('registered', 'metadata_document')),
+    registered_from varchar(64),
+    created_at timestamp with time zone NOT NULL DEFAULT now(),
+    document_expires_at timestamp with time zone,
+    first_session_at timestamp with time zone
+);
+
+CREATE INDEX IF NOT EXISTS idx_oauth_clients_source_created
+    ON oauth_clients (registered_from, created_at);
+
+CREATE INDEX IF NOT EXISTS idx_oauth_clients_unused
+    ON oauth_clients (created_at)
+    WHERE first_session_at IS NULL;
+
+CREATE TABLE IF NOT EXISTS oauth_pending_authorizations (
+    state_hash varchar(255) PRIMARY KEY,
+    client_id text NOT NULL REFERENCES oauth_clients ON DELETE CASCADE,
+    redirect_uri text NOT NULL,
+    redirect_uri_provided_explicitly boolean NOT NULL,
+    client_state text,
+    scopes text[] NOT NULL,
+    code_challenge varchar(128) NOT NULL,
+    resource text NOT NULL,
+    upstream_verifier_encrypted bytea NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    created_at timestamp with time zone NOT NULL DEFAULT now()
+);
+
+CREATE INDEX IF NOT EXISTS idx_oauth_pending_expires
+    ON oauth_pending_authorizations (expires_at);
+
+CREATE TABLE IF NOT EXISTS oauth_codes (
+    code_hash varchar(255) PRIMARY KEY,
+    client_id text NOT NULL REFERENCES oauth_clients ON DELETE CASCADE,
+    redirect_uri text NOT NULL,
+    redirect_uri_provided_explicitly boolean NOT NULL,
+    scopes text[] NOT NULL,
+    code_challenge varchar(128) NOT NULL,
+    resource text NOT NULL,
+    user_id varchar(255) NOT NULL,
+    subscription_level varchar(50) NOT NULL,
+    upstream_access_encrypted bytea,
+    upstream_refresh_encrypted bytea,
+    upstream_issued_at timestamp with time zone,
+    upstream_expires_at timestamp with time zone,
+    expires_at timestamp with time zone NOT NULL,
+    created_at timestamp with time zone NOT NULL DEFAULT now()
+);
+
+CREATE INDEX IF NOT EXISTS idx_oauth_codes_expires
+    ON oauth_codes (expires_at);
+
+CREATE TABLE IF NOT EXISTS oauth_grants (
+    family_id uuid PRIMARY KEY,
+    client_id text NOT NULL REFERENCES oauth_clients ON DELETE CASCADE,
+    resource text NOT NULL,
+    user_id varchar(255) NOT NULL,
+    upstream_access_encrypted bytea,
+    upstream_refresh_encrypted bytea,
+    upstream_issued_at timestamp with time zone,
+    upstream_expires_at timestamp with time zone,
+    created_at timestamp with time zone NOT NULL DEFAULT now(),
+    updated_at timestamp with time zone NOT NULL DEFAULT now()
+);
+
+CREATE INDEX IF NOT EXISTS idx_oauth_grants_client_id
+    ON oauth_grants (client_id);
+
+CREATE OR REPLACE FUNCTION cleanup_oauth_state(unused_age interval) RETURNS bigint
+    LANGUAGE plpgsql
+    AS $function$
+        DECLARE
+            deleted bigint := 0;
+            step bigint;
+        BEGIN
+            IF unused_age IS NULL OR unused_age < interval '0' THEN
+                RAISE EXCEPTION 'unused_age must not be negative, got %', unused_age
+                    USING ERRCODE = 'invalid_parameter_value';
+            END IF;
+
+            DELETE FROM oauth_pending_authorizations WHERE expires_at < now();
+            GET DIAGNOSTICS step = ROW_COUNT;
+            deleted := deleted + step;
+
+            DELETE FROM oauth_codes WHERE expires_at < now();
+            GET DIAGNOSTICS step = ROW_COUNT;
+            deleted := deleted + step;
+
+            -- A grant is written in the transaction that inserts its family's
+            -- first session row, so a grant without any row is one whose
+            -- sessions all ended and were deleted.
+            DELETE FROM oauth_grants g
+            WHERE NOT EXISTS (
+                SELECT FROM user_sessions s WHERE s.family_id = g.family_id
+            );
+            GET DIAGNOSTICS step = ROW_COUNT;
+            deleted := deleted + step;
+
+            -- A client is kept while a session family of its grants is live
+            -- (not revoked and not ended), or while a sign-in through it is
+            -- under way. The code exchange sets first_session_at on the
+            -- client's row, and this DELETE rechecks a row that changed
+            -- while it waited for the row's lock, so it reads that value.
+            DELETE FROM oauth_clients c
+            WHERE (
+                    (c.kind = 'registered'
+                     AND c.first_session_at IS NULL
+                     AND c.created_at < now() - unused_age)
+                    OR (c.kind = 'metadata_document'
+                        AND c.document_expires_at < now() - unused_age)
+                )
+              AND NOT EXISTS (
+                  SELECT FROM oauth_grants g
+                  JOIN user_sessions s ON s.family_id = g.family_id
+                  WHERE g.client_id = c.client_id
+                    AND s.revoked_at IS NULL
+                    AND greatest(s.expires_at, s.refresh_expires_at) > now()
+              )
+              AND NOT EXISTS (
+                  SELECT FROM oauth_pending_authorizations p
+                  WHERE p.client_id = c.client_id AND p.expires_at > now()
+              )
+              AND NOT EXISTS (
+                  SELECT FROM oauth_codes k
+                  WHERE k.client_id = c.client_id AND k.expires_at > now()
+              );
+            GET DIAGNOSTICS step = ROW_COUNT;
+            deleted := deleted + step;
+
+            RETURN deleted;
+        END
+        $function$;
