@@ -1,0 +1,796 @@
+"""The OAuth authorization server that MCP clients sign in at.
+
+:class:`AuthDBProvider` implements the MCP SDK's
+``OAuthAuthorizationServerProvider`` protocol over PostgreSQL, so that every
+replica serves every request and a restart loses nothing:
+
+- clients come from Dynamic Client Registration (stored with the client
+  secret encrypted) or from Client ID Metadata Documents (an https URL as
+  ``client_id``, see :mod:`mcp_authdb.server.client_metadata`);
+- ``/authorize`` stores a pending authorization and sends the user to the
+  upstream provider; :meth:`AuthDBProvider.handle_callback` takes it back when
+  the upstream redirects to ``/oauth/callback``, and gives the client an
+  authorization code;
+- the code exchange creates a user session (the session store's token pair)
+  and the grant of its family in one transaction;
+- access and refresh tokens are those of
+  :class:`~mcp_authdb.store.session_store.AsyncSessionStore`, with rotation
+  and replay detection.
+
+Logs name client ids, user ids and family ids, never a token, code, state,
+client secret or PKCE verifier.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import html
+import logging
+import re
+import uuid
+from contextvars import ContextVar
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from mcp.server.auth.provider import (
+    AccessToken,
+    AuthorizationCode,
+    AuthorizationParams,
+    AuthorizeError,
+    OAuthAuthorizationServerProvider,
+    RefreshToken,
+    RegistrationError,
+    TokenError,
+    construct_redirect_uri,
+)
+from mcp.shared.auth import (
+    InvalidRedirectUriError,
+    OAuthClientInformationFull,
+    OAuthToken,
+)
+from pydantic import AnyUrl, ValidationError
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+
+from mcp_authdb.db.pool import Operation, Query
+from mcp_authdb.errors import InvalidGrantError, InvalidValueError
+from mcp_authdb.server.client_metadata import ClientMetadataFetcher, is_client_id_url
+from mcp_authdb.server.oauth_store import (
+    CLIENT_KIND_REGISTERED,
+    OAuthStore,
+    PendingAuthorization,
+    StoredCode,
+)
+from mcp_authdb.server.redirects import match_redirect_uri, redirect_uri_problem
+from mcp_authdb.server.upstream import UpstreamClient, UpstreamError, new_pkce_pair
+from mcp_authdb.store.session_store import AsyncSessionStore
+from mcp_authdb.store.sessions import Session
+from mcp_authdb.store.tokens import TokenKind, new_token
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PENDING_LIFETIME = timedelta(minutes=10)
+DEFAULT_CODE_LIFETIME = timedelta(seconds=60)
+DEFAULT_ACCESS_LIFETIME = timedelta(hours=1)
+DEFAULT_REFRESH_LIFETIME = timedelta(days=30)
+DEFAULT_REGISTRATION_LIMIT = 20
+DEFAULT_SUBSCRIPTION_LEVELS = ("free", "plus", "pro")
+# How many families' grant facts load_access_token keeps in memory.
+GRANT_CACHE_SIZE = 10_000
+# Seconds a client waits after the registration limit of its source was hit.
+REGISTRATION_RETRY_AFTER_S = 3600
+# The width of oauth_pending_authorizations.code_challenge and oauth_codes'.
+_MAX_CODE_CHALLENGE_LENGTH = 128
+# An upstream error code is repeated to the client only if it looks like one.
+_ERROR_CODE = re.compile(r"[a-z_]{1,64}")
+
+registration_source: ContextVar[str | None] = ContextVar(
+    "registration_source", default=None
+)
+"""The source address of the current registration request.
+
+The application's wrapper around ``/register`` sets it before calling the
+SDK's handler, and :meth:`AuthDBProvider.register_client` counts
+registrations per source with it.
+"""
+
+
+class RegistrationRateLimited(Exception):
+    """The source of a registration request hit its hourly limit.
+
+    Raised by :meth:`AuthDBProvider.register_client` through the SDK's
+    registration handler, which does not catch it; the application's wrapper
+    turns it into HTTP 429 with ``Retry-After: retry_after_s``.
+    """
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(
+            f"too many client registrations from this address; retry after "
+            f"{retry_after_s} s"
+        )
+        self.retry_after_s = retry_after_s
+
+
+class _CodeAlreadyUsed(Exception):
+    """Rolls back a session whose authorization code was used meanwhile."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProviderSettings:
+    """The provider's part of the server configuration.
+
+    ``issuer`` is this authorization server's issuer (the public URL's
+    origin); it is sent as ``iss`` in authorization responses (RFC 9207).
+    ``resource`` is the MCP endpoint's public URL, the only RFC 8707
+    resource tokens are issued for. ``scopes`` are the scopes clients may
+    ask for, and the scopes of a client that registered none.
+    ``subscription_levels`` lists the known levels from lowest to highest.
+    """
+
+    issuer: str
+    resource: str
+    scopes: tuple[str, ...]
+    pending_lifetime: timedelta = DEFAULT_PENDING_LIFETIME
+    code_lifetime: timedelta = DEFAULT_CODE_LIFETIME
+    access_lifetime: timedelta = DEFAULT_ACCESS_LIFETIME
+    refresh_lifetime: timedelta = DEFAULT_REFRESH_LIFETIME
+    registration_limit_per_hour: int = DEFAULT_REGISTRATION_LIMIT
+    subscription_levels: tuple[str, ...] = DEFAULT_SUBSCRIPTION_LEVELS
+
+    def __post_init__(self) -> None:
+        if not self.scopes:
+            raise InvalidValueError(
+                "ProviderSettings.scopes is empty; give the scopes clients may "
+                "request, such as ('content:read',)"
+            )
+        if not self.subscription_levels:
+            raise InvalidValueError(
+                "ProviderSettings.subscription_levels is empty; give the levels "
+                "from lowest to highest, such as ('free', 'plus', 'pro')"
+            )
+        for name in (
+            "pending_lifetime",
+            "code_lifetime",
+            "access_lifetime",
+            "refresh_lifetime",
+        ):
+            value = getattr(self, name)
+            if value <= timedelta(0):
+                raise InvalidValueError(
+                    f"ProviderSettings.{name}={value!r} is not positive; "
+                    "give a positive timedelta"
+                )
+
+
+class AuthDBClientInformation(OAuthClientInformationFull):
+    """A client of this server, with RFC 8252 loopback redirect matching.
+
+    A registered ``http`` redirect URI on ``127.0.0.1``, ``[::1]`` or
+    ``localhost`` matches a requested one with any port; every other URI
+    must be requested exactly (see :mod:`mcp_authdb.server.redirects`).
+    """
+
+    def validate_redirect_uri(self, redirect_uri: AnyUrl | None) -> AnyUrl:
+        """Return the URI to redirect to: ``redirect_uri`` if it matches.
+
+        Without ``redirect_uri``, the only registered URI. Raises
+        ``InvalidRedirectUriError`` when the URI matches no registered one,
+        or when none was given and the client registered several.
+        """
+        registered = [str(uri) for uri in self.redirect_uris or []]
+        if redirect_uri is not None:
+            if match_redirect_uri(registered, str(redirect_uri)) is None:
+                raise InvalidRedirectUriError(
+                    f"redirect_uri '{redirect_uri}' is not registered for client "
+                    f"{self.client_id}; use one of {registered}"
+                )
+            return redirect_uri
+        if self.redirect_uris and len(self.redirect_uris) == 1:
+            return self.redirect_uris[0]
+        raise InvalidRedirectUriError(
+            "redirect_uri is required because the client registered "
+            f"{len(registered)} redirect URIs"
+        )
+
+
+class AuthDBAuthorizationCode(AuthorizationCode):
+    """An authorization code with the user it signs in."""
+
+    user_id: str
+    subscription_level: str
+
+
+class AuthDBRefreshToken(RefreshToken):
+    """A refresh token with its session row and family."""
+
+    user_id: str
+    family_id: uuid.UUID
+    session_id: int
+
+
+class AuthDBAccessToken(AccessToken):
+    """A valid access token, as the MCP tools see it.
+
+    ``subject`` and ``user_id`` are the upstream user's id, and
+    ``expires_at`` is the access token's expiry in epoch seconds. Tools read
+    it with ``mcp.server.auth.middleware.auth_context.get_access_token()``.
+    """
+
+    user_id: str
+    subscription_level: str
+    family_id: uuid.UUID
+    session_id: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _GrantFacts:
+    client_id: str
+    resource: str
+
+
+# The row of a refresh token, if it is not revoked and its family has a
+# grant. Rotated rows inside the replay window are found too, so that the
+# session store detects the replay and revokes the family.
+_FIND_REFRESH = """
+SELECT s.id, s.family_id, s.user_id, s.scope,
+       coalesce(s.refresh_expires_at, s.expires_at),
+       g.client_id, g.resource
+FROM user_sessions s
+JOIN oauth_grants g ON g.family_id = s.family_id
+WHERE s.refresh_token_hash = ANY(%(candidates)s::text[])
+  AND s.revoked_at IS NULL
+LIMIT 1
+"""
+
+
+def _find_refresh(candidates: list[str]) -> Operation[tuple[Any, ...] | None]:
+    result = yield Query(_FIND_REFRESH, {"candidates": candidates})
+    return result.rows[0] if result.rows else None
+
+
+class AuthDBProvider(
+    OAuthAuthorizationServerProvider[
+        AuthDBAuthorizationCode, AuthDBRefreshToken, AuthDBAccessToken
+    ]
+):
+    """The SDK's OAuth authorization server provider, over PostgreSQL.
+
+    ``store`` stores clients, pending authorizations, codes and grants,
+    ``sessions`` the user sessions (it must use the same database and token
+    hasher as ``store``), ``upstream`` signs users in, and ``documents``
+    fetches Client ID Metadata Documents. The provider keeps no state besides
+    an in-memory cache of grant facts that never change.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: OAuthStore,
+        sessions: AsyncSessionStore,
+        upstream: UpstreamClient,
+        documents: ClientMetadataFetcher,
+        settings: ProviderSettings,
+    ) -> None:
+        self.store = store
+        self.sessions = sessions
+        self.upstream = upstream
+        self.documents = documents
+        self.settings = settings
+        self._grants: collections.OrderedDict[uuid.UUID, _GrantFacts] = (
+            collections.OrderedDict()
+        )
+
+    # Clients
+
+    async def get_client(self, client_id: str) -> AuthDBClientInformation | None:
+        """Return the client ``client_id``, or None when it is unknown or rejected.
+
+        An https URL is a Client ID Metadata Document, fetched or read from
+        the cache; any other id is a registered client. A document that
+        names no scope, or none of :attr:`ProviderSettings.scopes`, gets
+        all of them; other scopes in it are dropped.
+        """
+        if is_client_id_url(client_id):
+            metadata = await self.documents.get(client_id)
+            if metadata is None:
+                return None
+            return self._client_from_metadata(
+                {**metadata, "scope": self._document_scope(metadata.get("scope"))}
+            )
+
+        stored = await self.store.get_client(client_id)
+        if stored is None or stored.kind != CLIENT_KIND_REGISTERED:
+            return None
+        return self._client_from_metadata(
+            {
+                **stored.metadata,
+                "client_id": stored.client_id,
+                "client_secret": stored.client_secret,
+            }
+        )
+
+    def _client_from_metadata(
+        self, metadata: dict[str, Any]
+    ) -> AuthDBClientInformation | None:
+        try:
+            return AuthDBClientInformation.model_validate(metadata)
+        except ValidationError as exc:
+            logger.error(
+                "the stored metadata of client %s is invalid, so the client is "
+                "rejected: %s",
+                metadata.get("client_id"),
+                exc,
+            )
+            return None
+
+    def _document_scope(self, scope: object) -> str:
+        allowed = self.settings.scopes
+        if isinstance(scope, str):
+            wanted = [item for item in scope.split() if item in allowed]
+            if wanted:
+                return " ".join(wanted)
+        return " ".join(allowed)
+
+    async def register_client(self, client_info: OAuthClientInformationFull) -> None:
+        """Store a client from Dynamic Client Registration.
+
+        Raises ``RegistrationError`` (``invalid_redirect_uri``) for a
+        redirect URI that :func:`~mcp_authdb.server.redirects.redirect_uri_problem`
+        rejects, and :class:`RegistrationRateLimited` when the source in
+        :data:`registration_source` registered
+        :attr:`ProviderSettings.registration_limit_per_hour` clients within
+        the last hour. Without a source (a caller other than the
+        application's ``/register`` route) all such callers share the source
+        ``"unknown"``.
+        """
+        for uri in client_info.redirect_uris or []:
+            problem = redirect_uri_problem(str(uri))
+            if problem is not None:
+                raise RegistrationError("invalid_redirect_uri", problem)
+
+        source = registration_source.get() or "unknown"
+        metadata = client_info.model_dump(
+            mode="json", exclude_none=True, exclude={"client_secret"}
+        )
+        stored = await self.store.register_client(
+            client_info.client_id,
+            metadata,
+            client_info.client_secret,
+            source=source,
+            limit_per_hour=self.settings.registration_limit_per_hour,
+        )
+        if not stored:
+            raise RegistrationRateLimited(REGISTRATION_RETRY_AFTER_S)
+        logger.info(
+            "registered client %s (%s) from %s",
+            client_info.client_id,
+            client_info.client_name or "no name",
+            source,
+            extra={"action": "oauth.register", "client_id": client_info.client_id},
+        )
+
+    # Authorization
+
+    async def authorize(
+        self, client: OAuthClientInformationFull, params: AuthorizationParams
+    ) -> str:
+        """Store a pending authorization; return the upstream's authorize URL.
+
+        ``params.resource`` must name :attr:`ProviderSettings.resource`
+        (ignoring one trailing slash); a request without one gets it.
+        Scopes default to the client's registered scopes. Raises
+        ``AuthorizeError``: ``invalid_target`` for another resource,
+        ``invalid_scope`` for a scope this server does not know, and
+        ``invalid_request`` for a code challenge longer than 128 characters.
+        """
+        resource = self._check_resource(params.resource)
+        scopes = self._requested_scopes(client, params.scopes)
+        if len(params.code_challenge) > _MAX_CODE_CHALLENGE_LENGTH:
+            raise AuthorizeError(
+                "invalid_request",
+                f"code_challenge is {len(params.code_challenge)} characters long; "
+                "an S256 challenge is 43",
+            )
+
+        state = new_token(TokenKind.STATE)
+        verifier, challenge = new_pkce_pair()
+        pending = PendingAuthorization(
+            client_id=client.client_id,
+            redirect_uri=str(params.redirect_uri),
+            redirect_uri_provided_explicitly=params.redirect_uri_provided_explicitly,
+            client_state=params.state,
+            scopes=scopes,
+            code_challenge=params.code_challenge,
+            resource=resource,
+            upstream_verifier=verifier,
+            expires_at=datetime.now(UTC) + self.settings.pending_lifetime,
+        )
+        await self.store.put_pending(state, pending)
+
+        logger.info(
+            "client %s started a sign-in",
+            client.client_id,
+            extra={"action": "oauth.authorize", "client_id": client.client_id},
+        )
+        return self.upstream.authorization_url(state=state, code_challenge=challenge)
+
+    def _check_resource(self, resource: str | None) -> str:
+        expected = self.settings.resource
+        if resource is None:
+            return expected
+        if resource.removesuffix("/") != expected.removesuffix("/"):
+            raise AuthorizeError(
+                "invalid_target",
+                f"resource {resource!r} is not served here; request {expected!r}",
+            )
+        return expected
+
+    def _requested_scopes(
+        self, client: OAuthClientInformationFull, requested: list[str] | None
+    ) -> tuple[str, ...]:
+        if requested is None:
+            requested = client.scope.split() if client.scope else []
+        scopes = [scope for scope in requested if scope]
+        if not scopes:
+            return self.settings.scopes
+        unknown = [scope for scope in scopes if scope not in self.settings.scopes]
+        if unknown:
+            raise AuthorizeError(
+                "invalid_scope",
+                f"unknown scopes {unknown}; this server offers "
+                f"{list(self.settings.scopes)}",
+            )
+        return tuple(dict.fromkeys(scopes))
+
+    async def handle_callback(self, request: Request) -> Response:
+        """Finish a sign-in when the upstream redirects back (``/oauth/callback``).
+
+        The pending authorization is taken (deleted) by the ``state``
+        parameter. A missing, unknown, expired or used state gets HTTP 400
+        and changes nothing. When the upstream sent ``error``, the user goes
+        back to the client with ``error=access_denied``; when exchanging the
+        code or reading userinfo fails, with ``error=server_error``. Otherwise
+        this stores a new authorization code and redirects to the client with
+        ``code``, its ``state`` and ``iss`` (RFC 9207).
+        """
+        query = request.query_params
+        state = query.get("state")
+        pending = await self.store.take_pending(state) if state else None
+        if pending is None:
+            logger.info(
+                "rejected an upstream callback with a missing, unknown, expired "
+                "or already used state",
+                extra={"action": "oauth.callback.unknown_state"},
+            )
+            return _callback_error_page(
+                request,
+                "invalid_request",
+                "This sign-in link has expired or was already used. Start the "
+                "sign-in again from your MCP client.",
+            )
+
+        upstream_error = query.get("error")
+        if upstream_error is not None:
+            code = upstream_error if _ERROR_CODE.fullmatch(upstream_error) else "?"
+            logger.info(
+                "the upstream provider rejected the sign-in of client %s: %s",
+                pending.client_id,
+                code,
+                extra={"action": "oauth.callback.denied"},
+            )
+            return self._client_error(
+                pending,
+                "access_denied",
+                f"the upstream provider rejected the sign-in ({code})",
+            )
+
+        upstream_code = query.get("code")
+        if not upstream_code:
+            return self._client_error(
+                pending, "access_denied", "the upstream provider sent no code"
+            )
+
+        try:
+            tokens = await self.upstream.exchange_code(
+                upstream_code, code_verifier=pending.upstream_verifier
+            )
+            identity = await self.upstream.userinfo(tokens.access_token)
+        except UpstreamError as exc:
+            logger.warning(
+                "signing in client %s at the upstream provider failed: %s",
+                pending.client_id,
+                exc,
+                extra={"action": "oauth.callback.upstream_failed"},
+            )
+            return self._client_error(
+                pending, "server_error", "signing in at the upstream provider failed"
+            )
+
+        code = new_token(TokenKind.CODE)
+        stored = StoredCode(
+            client_id=pending.client_id,
+            redirect_uri=pending.redirect_uri,
+            redirect_uri_provided_explicitly=pending.redirect_uri_provided_explicitly,
+            scopes=pending.scopes,
+            code_challenge=pending.code_challenge,
+            resource=pending.resource,
+            user_id=identity.user_id,
+            subscription_level=self._known_level(identity.subscription_level),
+            upstream=tokens,
+            expires_at=datetime.now(UTC) + self.settings.code_lifetime,
+        )
+        await self.store.put_code(code, stored)
+
+        logger.info(
+            "user %r signed in for client %s",
+            identity.user_id,
+            pending.client_id,
+            extra={"action": "oauth.callback", "client_id": pending.client_id},
+        )
+        target = construct_redirect_uri(
+            pending.redirect_uri,
+            code=code,
+            state=pending.client_state,
+            iss=self.settings.issuer,
+        )
+        return RedirectResponse(target, 302, headers={"Cache-Control": "no-store"})
+
+    def _known_level(self, level: str) -> str:
+        """Return ``level``, or the lowest level when it is not a known one."""
+        if level in self.settings.subscription_levels:
+            return level
+        lowest = self.settings.subscription_levels[0]
+        logger.warning(
+            "the upstream provider sent the unknown subscription level %r; "
+            "using %r, the lowest of MCP_AUTHDB_SUBSCRIPTION_LEVELS",
+            level,
+            lowest,
+        )
+        return lowest
+
+    def _client_error(
+        self, pending: PendingAuthorization, error: str, description: str
+    ) -> Response:
+        target = construct_redirect_uri(
+            pending.redirect_uri,
+            error=error,
+            error_description=description,
+            state=pending.client_state,
+            iss=self.settings.issuer,
+        )
+        return RedirectResponse(target, 302, headers={"Cache-Control": "no-store"})
+
+    # Authorization codes
+
+    async def load_authorization_code(
+        self, client: OAuthClientInformationFull, authorization_code: str
+    ) -> AuthDBAuthorizationCode | None:
+        """Return the code's facts without using it up, or None.
+
+        None also when the code belongs to another client. Expired codes
+        are returned, because the SDK's token handler reports the expiry.
+        """
+        stored = await self.store.peek_code(authorization_code)
+        if stored is None or stored.client_id != client.client_id:
+            return None
+        return AuthDBAuthorizationCode(
+            code=authorization_code,
+            scopes=list(stored.scopes),
+            expires_at=stored.expires_at.timestamp(),
+            client_id=stored.client_id,
+            code_challenge=stored.code_challenge,
+            redirect_uri=AnyUrl(stored.redirect_uri),
+            redirect_uri_provided_explicitly=stored.redirect_uri_provided_explicitly,
+            resource=stored.resource,
+            subject=stored.user_id,
+            user_id=stored.user_id,
+            subscription_level=stored.subscription_level,
+        )
+
+    async def exchange_authorization_code(
+        self,
+        client: OAuthClientInformationFull,
+        authorization_code: AuthDBAuthorizationCode,
+    ) -> OAuthToken:
+        """Use the code up: create the user session and its grant; return tokens.
+
+        The session, the grant and the code's deletion commit in one
+        transaction. Raises ``TokenError("invalid_grant")``, changing
+        nothing, when the code was used or expired since it was loaded, and
+        ``TokenError("invalid_target")`` when it was issued for another
+        resource.
+        """
+        if authorization_code.resource != self.settings.resource:
+            raise TokenError(
+                "invalid_target",
+                f"the authorization code was issued for the resource "
+                f"{authorization_code.resource!r}, not {self.settings.resource!r}",
+            )
+        code = authorization_code.code
+
+        def consume(session: Session) -> Operation[StoredCode]:
+            assert session.family_id is not None  # create() always sets one
+            stored = yield from self.store.consume_code_operation(
+                code, session.family_id
+            )
+            if stored is None:
+                raise _CodeAlreadyUsed()
+            return stored
+
+        try:
+            issued = await self.sessions.create(
+                authorization_code.user_id,
+                scopes=authorization_code.scopes,
+                subscription_level=authorization_code.subscription_level,
+                access_lifetime=self.settings.access_lifetime,
+                refresh_lifetime=self.settings.refresh_lifetime,
+                then=consume,
+            )
+        except _CodeAlreadyUsed:
+            logger.warning(
+                "client %s presented an authorization code that was used or "
+                "expired meanwhile",
+                client.client_id,
+                extra={"action": "oauth.token.code_reused"},
+            )
+            raise TokenError(
+                "invalid_grant", "the authorization code was already used or expired"
+            ) from None
+
+        session = issued.session
+        logger.info(
+            "client %s exchanged a code for session %d in family %s of user %r",
+            client.client_id,
+            session.session_id,
+            session.family_id,
+            session.user_id,
+            extra={"action": "oauth.token.code", "client_id": client.client_id},
+        )
+        return self._token_response(issued.access_token, issued.refresh_token, session)
+
+    def _token_response(
+        self, access_token: str, refresh_token: str, session: Session
+    ) -> OAuthToken:
+        return OAuthToken(
+            access_token=access_token,
+            token_type="Bearer",
+            expires_in=int(self.settings.access_lifetime.total_seconds()),
+            scope=" ".join(session.scopes) or None,
+            refresh_token=refresh_token,
+        )
+
+    # Refresh tokens
+
+    async def load_refresh_token(
+        self, client: OAuthClientInformationFull, refresh_token: str
+    ) -> AuthDBRefreshToken | None:
+        """Return the refresh token's session facts, or None.
+
+        None for a malformed or unknown token, a revoked one, one of a
+        session without a grant, and one issued to another client. A token
+        rotated within the replay window is returned, so that exchanging it
+        again revokes its family.
+        """
+        candidates = self.sessions.hasher.candidates(refresh_token, TokenKind.REFRESH)
+        if not candidates:
+            return None
+        row = await self.store.database.run(
+            lambda: _find_refresh(candidates), transaction=False, idempotent=True
+        )
+        if row is None:
+            return None
+
+        session_id, family_id, user_id, scopes, ends_at, client_id, resource = row
+        if client_id != client.client_id:
+            logger.warning(
+                "client %s presented a refresh token of client %s (family %s)",
+                client.client_id,
+                client_id,
+                family_id,
+                extra={"action": "oauth.token.wrong_client"},
+            )
+            return None
+        return AuthDBRefreshToken(
+            token=refresh_token,
+            client_id=client_id,
+            scopes=list(scopes),
+            expires_at=int(ends_at.timestamp()),
+            resource=resource,
+            subject=user_id,
+            user_id=user_id,
+            family_id=family_id,
+            session_id=session_id,
+        )
+
+    async def exchange_refresh_token(
+        self,
+        client: OAuthClientInformationFull,
+        refresh_token: AuthDBRefreshToken,
+        scopes: list[str],
+    ) -> OAuthToken:
+        """Rotate the refresh token: return a new pair in the same family.
+
+        The session store does not narrow scopes, so the new pair keeps the
+        session's scopes even when ``scopes`` requests fewer. The response's
+        ``scope`` lists the granted ones. Raises
+        ``TokenError("invalid_grant")`` for an expired, revoked or replayed
+        token; a replay has revoked the whole family by then.
+        """
+        try:
+            issued = await self.sessions.refresh(
+                refresh_token.token,
+                access_lifetime=self.settings.access_lifetime,
+                refresh_lifetime=self.settings.refresh_lifetime,
+            )
+        except InvalidGrantError as exc:
+            raise TokenError("invalid_grant", str(exc)) from None
+        return self._token_response(
+            issued.access_token, issued.refresh_token, issued.session
+        )
+
+    # Access tokens
+
+    async def load_access_token(self, token: str) -> AuthDBAccessToken | None:
+        """Return the facts of a valid access token, or None.
+
+        Valid means the session store validates it and its family has a
+        grant. The grant's client and resource are cached per family, since
+        they never change.
+        """
+        session = await self.sessions.validate(token)
+        if session is None or session.family_id is None:
+            return None
+        facts = await self._grant_facts(session.family_id)
+        if facts is None:
+            return None
+        return AuthDBAccessToken(
+            token=token,
+            client_id=facts.client_id,
+            scopes=list(session.scopes),
+            expires_at=int(session.expires_at.timestamp()),
+            resource=facts.resource,
+            subject=session.user_id,
+            user_id=session.user_id,
+            subscription_level=session.subscription_level,
+            family_id=session.family_id,
+            session_id=session.session_id,
+        )
+
+    async def _grant_facts(self, family_id: uuid.UUID) -> _GrantFacts | None:
+        facts = self._grants.get(family_id)
+        if facts is not None:
+            self._grants.move_to_end(family_id)
+            return facts
+        grant = await self.store.get_grant(family_id)
+        if grant is None:
+            return None
+        facts = _GrantFacts(grant.client_id, grant.resource)
+        self._grants[family_id] = facts
+        while len(self._grants) > GRANT_CACHE_SIZE:
+            self._grants.popitem(last=False)
+        return facts
+
+    async def revoke_token(self, token: AuthDBAccessToken | AuthDBRefreshToken) -> None:
+        """Revoke the family of ``token``; an unknown token revokes nothing."""
+        revoked = await self.sessions.revoke_token(token.token)
+        logger.info(
+            "client %s revoked a token: %d sessions revoked",
+            token.client_id,
+            revoked,
+            extra={"action": "oauth.revoke", "client_id": token.client_id},
+        )
+
+
+def _callback_error_page(request: Request, error: str, message: str) -> Response:
+    """Return HTTP 400 as JSON to clients that ask for it, else as HTML."""
+    headers = {"Cache-Control": "no-store"}
+    if "application/json" in request.headers.get("accept", ""):
+        body = {"error": error, "error_description": message}
+        return JSONResponse(body, status_code=400, headers=headers)
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Sign-in failed"
+        f"</title></head><body><h1>Sign-in failed</h1><p>{html.escape(message)}"
+        "</p></body></html>"
+    )
+    return HTMLResponse(page, status_code=400, headers=headers)

@@ -1,0 +1,1026 @@
+"""The OAuth provider on real PostgreSQL, with the Authlib upstream on 127.0.0.1.
+
+Most tests call the provider's SDK-facing methods in ``asyncio.run``. The
+upstream's authorize step runs over real HTTP in a worker thread, and the
+callback gets a Starlette request built from the upstream's redirect. One
+test serves the SDK's auth routes with uvicorn on 127.0.0.1 and signs in
+through them with real HTTP requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import hashlib
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import httpx2
+import pytest
+import uvicorn
+from mcp.server.auth.provider import (
+    AuthorizationParams,
+    AuthorizeError,
+    RegistrationError,
+    TokenError,
+)
+from mcp.server.auth.routes import create_auth_routes
+from mcp.server.auth.settings import ClientRegistrationOptions, RevocationOptions
+from mcp.shared.auth import InvalidRedirectUriError, OAuthClientInformationFull
+from pydantic import AnyHttpUrl, AnyUrl
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from mcp_authdb.db import resolve_target
+from mcp_authdb.db.pool import AsyncDatabase
+from mcp_authdb.server.client_metadata import ClientMetadataFetcher
+from mcp_authdb.server.crypto import Encryptor
+from mcp_authdb.server.oauth_store import OAuthStore, PendingAuthorization
+from mcp_authdb.server.provider import (
+    AuthDBClientInformation,
+    AuthDBProvider,
+    ProviderSettings,
+    RegistrationRateLimited,
+    registration_source,
+)
+from mcp_authdb.server.upstream import DEFAULT_SCOPES, UpstreamClient
+from mcp_authdb.store import AsyncSessionStore, TokenHasher, TokenKeys, TokenKind
+from mcp_authdb.store.tokens import new_token
+from upstream_server import UpstreamServer, upstream_server
+
+from conftest import ScratchDatabase
+
+T = TypeVar("T")
+
+HASHER = TokenHasher(TokenKeys.parse("k1:" + "p" * 43))
+KEY = b"e" * 32
+ISSUER = "http://127.0.0.1:9"  # named in responses, never contacted
+RESOURCE = ISSUER + "/mcp"
+SCOPES = ("content:read", "content:search")
+VERIFIER = "v" * 43
+CHALLENGE = (
+    base64.urlsafe_b64encode(hashlib.sha256(VERIFIER.encode()).digest())
+    .rstrip(b"=")
+    .decode()
+)
+REDIRECT = "http://127.0.0.1:3000/callback"
+
+
+def run(scenario: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    return asyncio.run(scenario())
+
+
+@pytest.fixture
+def upstream() -> Iterator[UpstreamServer]:
+    with upstream_server(users={"alice": "plus", "bob": "free"}) as server:
+        yield server
+
+
+@dataclasses.dataclass
+class Harness:
+    provider: AuthDBProvider
+    store: OAuthStore
+    sessions: AsyncSessionStore
+    upstream: UpstreamServer
+
+
+@contextlib.asynccontextmanager
+async def harness(
+    db: ScratchDatabase, upstream: UpstreamServer, **settings: Any
+) -> AsyncIterator[Harness]:
+    target = resolve_target(db.url, db.settings)
+    async with (
+        AsyncDatabase(target, db.settings) as database,
+        UpstreamClient(upstream.config()) as upstream_client,
+    ):
+        store = OAuthStore(database, Encryptor(KEY), HASHER)
+        sessions = AsyncSessionStore(database, HASHER, refresh_grace=timedelta(0))
+        async with ClientMetadataFetcher(store) as documents:
+            provider = AuthDBProvider(
+                store=store,
+                sessions=sessions,
+                upstream=upstream_client,
+                documents=documents,
+                settings=ProviderSettings(
+                    issuer=ISSUER, resource=RESOURCE, scopes=SCOPES, **settings
+                ),
+            )
+            yield Harness(provider, store, sessions, upstream)
+
+
+async def register(
+    h: Harness, client_id: str = "client-a", **fields: Any
+) -> AuthDBClientInformation:
+    info = OAuthClientInformationFull(
+        client_id=client_id,
+        redirect_uris=[AnyUrl(REDIRECT)],
+        token_endpoint_auth_method="none",
+        scope=" ".join(SCOPES),
+        **fields,
+    )
+    await h.provider.register_client(info)
+    client = await h.provider.get_client(client_id)
+    assert client is not None
+    return client
+
+
+def params(
+    *,
+    state: str | None = "client-state",
+    redirect_uri: str = "http://127.0.0.1:45678/callback",
+    resource: str | None = RESOURCE,
+    scopes: list[str] | None = None,
+) -> AuthorizationParams:
+    return AuthorizationParams(
+        state=state,
+        scopes=scopes if scopes is not None else ["content:read"],
+        code_challenge=CHALLENGE,
+        redirect_uri=AnyUrl(redirect_uri),
+        redirect_uri_provided_explicitly=True,
+        resource=resource,
+    )
+
+
+def callback_request(query: dict[str, str]) -> Request:
+    return Request(
+        {
+            "type": "http",
+            "method": "GET",
+            "path": "/oauth/callback",
+            "query_string": urlencode(query).encode(),
+            "headers": [(b"accept", b"application/json")],
+        }
+    )
+
+
+def redirect_query(response: Response) -> tuple[str, dict[str, str]]:
+    assert response.status_code == 302
+    location = response.headers["location"]
+    return location.split("?")[0], dict(parse_qsl(urlsplit(location).query))
+
+
+async def upstream_callback(
+    h: Harness, client: Any, **overrides: Any
+) -> dict[str, str]:
+    """Authorize at the provider and the upstream; return the callback query."""
+    url = await h.provider.authorize(client, params(**overrides))
+    return await asyncio.to_thread(h.upstream.authorize, url)
+
+
+async def sign_in(h: Harness, client: Any, **overrides: Any) -> str:
+    """Run the whole authorization; return the provider's authorization code."""
+    query = await upstream_callback(h, client, **overrides)
+    response = await h.provider.handle_callback(callback_request(query))
+    _, result = redirect_query(response)
+    return result["code"]
+
+
+def count(db: ScratchDatabase, table: str) -> int:
+    with db.connect() as conn:
+        row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+# Clients
+
+
+def test_registered_client_round_trip(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    async def scenario() -> tuple[Any, Any]:
+        async with harness(db, upstream) as h:
+            info = OAuthClientInformationFull(
+                client_id="confidential",
+                client_secret="s3cret-value-of-the-client",
+                redirect_uris=[AnyUrl(REDIRECT)],
+                token_endpoint_auth_method="client_secret_post",
+            )
+            await h.provider.register_client(info)
+            return await h.provider.get_client("confidential"), (
+                await h.provider.get_client("unknown")
+            )
+
+    client, unknown = run(scenario)
+
+    assert client is not None
+    assert client.client_secret == "s3cret-value-of-the-client"
+    assert client.token_endpoint_auth_method == "client_secret_post"
+    assert unknown is None
+    with db.connect() as conn:
+        row = conn.execute(
+            "SELECT metadata::text, client_secret_encrypted FROM oauth_clients"
+        ).fetchone()
+    assert row is not None
+    assert "s3cret" not in row[0]
+    assert b"s3cret" not in bytes(row[1])
+
+
+def test_registration_rate_limited(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    async def scenario() -> None:
+        async with harness(db, upstream, registration_limit_per_hour=2) as h:
+            token = registration_source.set("192.0.2.7")
+            try:
+                await register(h, "one")
+                await register(h, "two")
+                with pytest.raises(RegistrationRateLimited) as info:
+                    await register(h, "three")
+                assert info.value.retry_after_s == 3600
+            finally:
+                registration_source.reset(token)
+            registration_source.set("192.0.2.8")
+            await register(h, "four")
+
+    run(scenario)
+
+    assert count(db, "oauth_clients") == 3
+
+
+def test_registration_rejects_http_redirect(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    async def scenario() -> None:
+        async with harness(db, upstream) as h:
+            info = OAuthClientInformationFull(
+                client_id="bad",
+                redirect_uris=[AnyUrl("http://app.example.com/cb")],
+                token_endpoint_auth_method="none",
+            )
+            with pytest.raises(RegistrationError) as error:
+                await h.provider.register_client(info)
+            assert error.value.error == "invalid_redirect_uri"
+            assert "use https" in (error.value.error_description or "")
+
+    run(scenario)
+
+    assert count(db, "oauth_clients") == 0
+
+
+def test_redirect_uri_loopback_any_port(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    async def scenario() -> AuthDBClientInformation:
+        async with harness(db, upstream) as h:
+            return await register(h)
+
+    client = run(scenario)
+
+    other_port = AnyUrl("http://127.0.0.1:51111/callback")
+    assert client.validate_redirect_uri(other_port) == other_port
+    assert str(client.validate_redirect_uri(None)) == REDIRECT
+    for uri in (
+        "http://localhost:3000/callback",
+        "http://127.0.0.1:3000/other",
+        "https://127.0.0.1:3000/callback",
+    ):
+        with pytest.raises(InvalidRedirectUriError):
+            client.validate_redirect_uri(AnyUrl(uri))
+
+
+def test_metadata_document_client_from_cache(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    # The document is in the cache already, so no request is made.
+    url = "https://app.example.com/client.json"
+
+    async def scenario() -> tuple[Any, Any]:
+        async with harness(db, upstream) as h:
+            metadata = {
+                "client_id": url,
+                "redirect_uris": ["https://app.example.com/cb"],
+                "token_endpoint_auth_method": "none",
+                "scope": "content:read unknown:scope",
+            }
+            expires = datetime.now(UTC) + timedelta(hours=1)
+            await h.store.put_metadata_document(url, metadata, expires)
+            other = "https://app.example.com/other.json"
+            await h.store.put_metadata_document(
+                other, {**metadata, "client_id": other, "scope": None}, expires
+            )
+            return await h.provider.get_client(url), await h.provider.get_client(other)
+
+    client, other = run(scenario)
+
+    assert client is not None
+    assert client.client_id == url
+    assert client.scope == "content:read"
+    assert client.client_secret is None
+    assert other.scope == " ".join(SCOPES)
+
+
+# Authorization and callback
+
+
+def test_authorize_resource_mismatch(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    async def scenario() -> None:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            with pytest.raises(AuthorizeError) as info:
+                await h.provider.authorize(
+                    client, params(resource="https://other.example/mcp")
+                )
+            assert info.value.error == "invalid_target"
+            assert "https://other.example/mcp" in (info.value.error_description or "")
+
+    run(scenario)
+
+    assert count(db, "oauth_pending_authorizations") == 0
+
+
+def test_authorize_resource_forms(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    async def scenario() -> None:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            await h.provider.authorize(client, params(resource=RESOURCE + "/"))
+            await h.provider.authorize(client, params(resource=None))
+
+    run(scenario)
+
+    with db.connect() as conn:
+        rows = conn.execute(
+            "SELECT resource FROM oauth_pending_authorizations"
+        ).fetchall()
+    assert rows == [(RESOURCE,), (RESOURCE,)]
+
+
+def test_authorize_unknown_scope(db: ScratchDatabase, upstream: UpstreamServer) -> None:
+    async def scenario() -> None:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            with pytest.raises(AuthorizeError) as info:
+                await h.provider.authorize(client, params(scopes=["admin"]))
+            assert info.value.error == "invalid_scope"
+
+    run(scenario)
+
+
+def test_authorize_stores_pending(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    async def scenario() -> str:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            return await h.provider.authorize(client, params())
+
+    url = run(scenario)
+
+    query = dict(parse_qsl(urlsplit(url).query))
+    assert url.startswith(upstream.base_url + "/oauth/authorize?")
+    assert query["state"].startswith(TokenKind.STATE.prefix)
+    assert query["code_challenge_method"] == "S256"
+    assert query["client_id"] == upstream.client_id
+    with db.connect() as conn:
+        row = conn.execute(
+            "SELECT state_hash, client_state, redirect_uri, scopes, "
+            "expires_at - now() FROM oauth_pending_authorizations"
+        ).fetchone()
+    assert row is not None
+    assert row[0] != query["state"]
+    assert row[1] == "client-state"
+    assert row[2] == "http://127.0.0.1:45678/callback"
+    assert row[3] == ["content:read"]
+    assert timedelta(minutes=9) < row[4] <= timedelta(minutes=10)
+
+
+def test_callback_issues_code(db: ScratchDatabase, upstream: UpstreamServer) -> None:
+    async def scenario() -> tuple[Response, Any]:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            query = await upstream_callback(h, client)
+            response = await h.provider.handle_callback(callback_request(query))
+            _, result = redirect_query(response)
+            return response, await h.provider.load_authorization_code(
+                client, result["code"]
+            )
+
+    response, code = run(scenario)
+
+    target, query = redirect_query(response)
+    assert target == "http://127.0.0.1:45678/callback"
+    assert query["state"] == "client-state"
+    assert query["iss"] == ISSUER
+    assert query["code"].startswith(TokenKind.CODE.prefix)
+    assert response.headers["cache-control"] == "no-store"
+    assert code.user_id == "alice"
+    assert code.subscription_level == "plus"
+    assert code.resource == RESOURCE
+    assert code.scopes == ["content:read"]
+    assert code.code_challenge == CHALLENGE
+    assert count(db, "oauth_pending_authorizations") == 0
+    assert count(db, "oauth_codes") == 1
+
+
+def test_callback_state_reused(db: ScratchDatabase, upstream: UpstreamServer) -> None:
+    async def scenario() -> tuple[Response, Response]:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            query = await upstream_callback(h, client)
+            first = await h.provider.handle_callback(callback_request(query))
+            second = await h.provider.handle_callback(callback_request(query))
+            return first, second
+
+    first, second = run(scenario)
+
+    assert first.status_code == 302
+    assert second.status_code == 400
+    assert b"expired or was already used" in second.body
+    assert count(db, "oauth_codes") == 1
+    assert upstream.calls["code"] == 1
+
+
+def test_callback_unknown_state(db: ScratchDatabase, upstream: UpstreamServer) -> None:
+    async def scenario() -> list[Response]:
+        async with harness(db, upstream) as h:
+            await register(h)
+            return [
+                await h.provider.handle_callback(callback_request(query))
+                for query in (
+                    {"code": "x", "state": new_token(TokenKind.STATE)},
+                    {"code": "x", "state": "not-a-state"},
+                    {"code": "x"},
+                    {"error": "access_denied"},
+                )
+            ]
+
+    responses = run(scenario)
+
+    assert [response.status_code for response in responses] == [400] * 4
+    assert count(db, "oauth_codes") == 0
+    assert upstream.calls["token"] == 0
+
+
+def test_callback_html_page(db: ScratchDatabase, upstream: UpstreamServer) -> None:
+    async def scenario() -> Response:
+        async with harness(db, upstream) as h:
+            request = Request(
+                {
+                    "type": "http",
+                    "method": "GET",
+                    "path": "/oauth/callback",
+                    "query_string": b"state=x",
+                    "headers": [(b"accept", b"text/html")],
+                }
+            )
+            return await h.provider.handle_callback(request)
+
+    response = run(scenario)
+
+    assert response.status_code == 400
+    assert response.headers["content-type"].startswith("text/html")
+    assert b"Sign-in failed" in response.body
+
+
+def test_callback_expired_state(db: ScratchDatabase, upstream: UpstreamServer) -> None:
+    async def scenario() -> Response:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            state = new_token(TokenKind.STATE)
+            await h.store.put_pending(
+                state,
+                PendingAuthorization(
+                    client_id=client.client_id,
+                    redirect_uri=REDIRECT,
+                    redirect_uri_provided_explicitly=True,
+                    client_state="s",
+                    scopes=("content:read",),
+                    code_challenge=CHALLENGE,
+                    resource=RESOURCE,
+                    upstream_verifier="u" * 43,
+                    expires_at=datetime.now(UTC) - timedelta(seconds=1),
+                ),
+            )
+            return await h.provider.handle_callback(
+                callback_request({"code": "upstream-code", "state": state})
+            )
+
+    response = run(scenario)
+
+    assert response.status_code == 400
+    assert count(db, "oauth_codes") == 0
+    assert upstream.calls["token"] == 0
+
+
+def test_callback_upstream_denied(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    async def scenario() -> Response:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            upstream.deny_next_authorization()
+            query = await upstream_callback(h, client, state="client-state-9")
+            assert "error" in query
+            return await h.provider.handle_callback(callback_request(query))
+
+    response = run(scenario)
+
+    target, query = redirect_query(response)
+    assert target == "http://127.0.0.1:45678/callback"
+    assert query["error"] == "access_denied"
+    assert query["state"] == "client-state-9"
+    assert query["iss"] == ISSUER
+    assert "code" not in query
+    assert count(db, "oauth_pending_authorizations") == 0
+    assert count(db, "oauth_codes") == 0
+
+
+def test_callback_upstream_failure(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    async def scenario() -> Response:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            query = await upstream_callback(h, client, state=None)
+            upstream.fail_next_token()
+            return await h.provider.handle_callback(callback_request(query))
+
+    response = run(scenario)
+
+    _, query = redirect_query(response)
+    assert query["error"] == "server_error"
+    assert "state" not in query
+    assert count(db, "oauth_codes") == 0
+
+
+def test_unknown_level_becomes_lowest(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    upstream.set_user("carol", "platinum")
+
+    async def scenario() -> Any:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            code = await sign_in(h, client)
+            return await h.provider.load_authorization_code(client, code)
+
+    assert run(scenario).subscription_level == "free"
+
+
+# Code exchange
+
+
+def test_code_single_use(db: ScratchDatabase, upstream: UpstreamServer) -> None:
+    async def scenario() -> tuple[Any, Any]:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            code = await sign_in(h, client)
+            loaded = await h.provider.load_authorization_code(client, code)
+            assert loaded is not None
+            tokens = await h.provider.exchange_authorization_code(client, loaded)
+            with pytest.raises(TokenError) as info:
+                await h.provider.exchange_authorization_code(client, loaded)
+            after = await h.provider.load_authorization_code(client, code)
+            return tokens, (info.value, after)
+
+    tokens, (error, after) = run(scenario)
+
+    assert tokens.access_token.startswith(TokenKind.ACCESS.prefix)
+    assert tokens.refresh_token is not None
+    assert tokens.expires_in == 3600
+    assert tokens.scope == "content:read"
+    assert error.error == "invalid_grant"
+    assert after is None
+    assert count(db, "user_sessions") == 1
+    assert count(db, "oauth_grants") == 1
+    assert count(db, "oauth_codes") == 0
+
+
+def test_concurrent_code_exchange(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    async def scenario() -> list[Any]:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            code = await sign_in(h, client)
+            loaded = await h.provider.load_authorization_code(client, code)
+            assert loaded is not None
+            return await asyncio.gather(
+                *(
+                    h.provider.exchange_authorization_code(client, loaded)
+                    for _ in range(4)
+                ),
+                return_exceptions=True,
+            )
+
+    outcomes = run(scenario)
+
+    errors = [outcome for outcome in outcomes if isinstance(outcome, TokenError)]
+    assert len(errors) == 3
+    assert all(error.error == "invalid_grant" for error in errors)
+    assert count(db, "user_sessions") == 1
+    assert count(db, "oauth_grants") == 1
+
+
+def test_expired_code_not_exchanged(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    async def scenario() -> tuple[Any, TokenError]:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            code = await sign_in(h, client)
+            with db.connect() as conn:
+                conn.execute(
+                    "UPDATE oauth_codes SET expires_at = now() - interval '1 s'"
+                )
+            loaded = await h.provider.load_authorization_code(client, code)
+            assert loaded is not None
+            with pytest.raises(TokenError) as info:
+                await h.provider.exchange_authorization_code(client, loaded)
+            return loaded, info.value
+
+    loaded, error = run(scenario)
+
+    assert loaded.expires_at < datetime.now(UTC).timestamp()
+    assert error.error == "invalid_grant"
+    assert count(db, "user_sessions") == 0
+
+
+def test_code_bound_to_client(db: ScratchDatabase, upstream: UpstreamServer) -> None:
+    async def scenario() -> Any:
+        async with harness(db, upstream) as h:
+            client_a = await register(h, "client-a")
+            client_b = await register(h, "client-b")
+            code = await sign_in(h, client_a)
+            return await h.provider.load_authorization_code(client_b, code)
+
+    assert run(scenario) is None
+
+
+def test_code_for_other_resource(db: ScratchDatabase, upstream: UpstreamServer) -> None:
+    async def scenario() -> TokenError:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            code = await sign_in(h, client)
+            loaded = await h.provider.load_authorization_code(client, code)
+            assert loaded is not None
+            loaded.resource = "https://other.example/mcp"
+            with pytest.raises(TokenError) as info:
+                await h.provider.exchange_authorization_code(client, loaded)
+            return info.value
+
+    assert run(scenario).error == "invalid_target"
+    assert count(db, "user_sessions") == 0
+
+
+# Access and refresh tokens
+
+
+async def signed_in_tokens(h: Harness, client: Any) -> Any:
+    code = await sign_in(h, client)
+    loaded = await h.provider.load_authorization_code(client, code)
+    assert loaded is not None
+    tokens = await h.provider.exchange_authorization_code(client, loaded)
+    assert tokens.refresh_token is not None
+    return tokens
+
+
+def test_access_token_facts(db: ScratchDatabase, upstream: UpstreamServer) -> None:
+    async def scenario() -> Any:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            tokens = await signed_in_tokens(h, client)
+            return await h.provider.load_access_token(tokens.access_token)
+
+    token = run(scenario)
+
+    assert token is not None
+    assert token.client_id == "client-a"
+    assert token.resource == RESOURCE
+    assert token.user_id == "alice"
+    assert token.subject == "alice"
+    assert token.subscription_level == "plus"
+    assert token.scopes == ["content:read"]
+    assert isinstance(token.family_id, uuid.UUID)
+    assert token.expires_at is not None
+    assert 3500 < token.expires_at - datetime.now(UTC).timestamp() <= 3600
+
+
+def test_access_token_without_grant(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    async def scenario() -> tuple[Any, Any]:
+        async with harness(db, upstream) as h:
+            issued = await h.sessions.create("dave", scopes=["content:read"])
+            return (
+                await h.provider.load_access_token(issued.access_token),
+                await h.provider.load_access_token("mcpat_" + "x" * 43),
+            )
+
+    assert run(scenario) == (None, None)
+
+
+def test_grant_facts_cached(db: ScratchDatabase, upstream: UpstreamServer) -> None:
+    async def scenario() -> tuple[Any, Any]:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            tokens = await signed_in_tokens(h, client)
+            first = await h.provider.load_access_token(tokens.access_token)
+            with db.connect() as conn:
+                conn.execute("DELETE FROM oauth_grants")
+            cached = await h.provider.load_access_token(tokens.access_token)
+            fresh = AuthDBProvider(
+                store=h.store,
+                sessions=h.sessions,
+                upstream=h.provider.upstream,
+                documents=h.provider.documents,
+                settings=h.provider.settings,
+            )
+            return (first, cached), await fresh.load_access_token(tokens.access_token)
+
+    (first, cached), uncached = run(scenario)
+
+    assert first is not None
+    assert cached is not None
+    assert cached.client_id == first.client_id
+    assert uncached is None
+
+
+def test_refresh_rotation_and_replay(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    async def scenario() -> dict[str, Any]:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            tokens = await signed_in_tokens(h, client)
+            old = await h.provider.load_refresh_token(client, tokens.refresh_token)
+            assert old is not None
+            rotated = await h.provider.exchange_refresh_token(
+                client, old, ["content:read"]
+            )
+            new_access = await h.provider.load_access_token(rotated.access_token)
+            replayed = await h.provider.load_refresh_token(client, tokens.refresh_token)
+            assert replayed is not None
+            with pytest.raises(TokenError) as info:
+                await h.provider.exchange_refresh_token(client, replayed, [])
+            return {
+                "old": old,
+                "rotated": rotated,
+                "new_access": new_access,
+                "error": info.value,
+                "after_replay": await h.provider.load_access_token(
+                    rotated.access_token
+                ),
+                "new_refresh": await h.provider.load_refresh_token(
+                    client, rotated.refresh_token or ""
+                ),
+            }
+
+    result = run(scenario)
+
+    assert result["old"].client_id == "client-a"
+    assert result["old"].resource == RESOURCE
+    assert result["old"].scopes == ["content:read"]
+    assert result["rotated"].refresh_token != result["old"].token
+    assert result["new_access"].family_id == result["old"].family_id
+    assert result["error"].error == "invalid_grant"
+    assert "already exchanged" in (result["error"].error_description or "")
+    assert result["after_replay"] is None
+    assert result["new_refresh"] is None
+
+
+def test_refresh_keeps_scopes(db: ScratchDatabase, upstream: UpstreamServer) -> None:
+    async def scenario() -> Any:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            code = await sign_in(h, client, scopes=list(SCOPES))
+            loaded = await h.provider.load_authorization_code(client, code)
+            assert loaded is not None
+            tokens = await h.provider.exchange_authorization_code(client, loaded)
+            assert tokens.refresh_token is not None
+            refresh = await h.provider.load_refresh_token(client, tokens.refresh_token)
+            assert refresh is not None
+            return await h.provider.exchange_refresh_token(
+                client, refresh, ["content:read"]
+            )
+
+    assert run(scenario).scope == " ".join(SCOPES)
+
+
+def test_refresh_token_bound_to_client(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    async def scenario() -> tuple[Any, Any, Any]:
+        async with harness(db, upstream) as h:
+            client_a = await register(h, "client-a")
+            client_b = await register(h, "client-b")
+            tokens = await signed_in_tokens(h, client_a)
+            return (
+                await h.provider.load_refresh_token(client_b, tokens.refresh_token),
+                await h.provider.load_refresh_token(client_a, tokens.refresh_token),
+                await h.provider.load_refresh_token(client_a, "garbage"),
+            )
+
+    for_b, for_a, garbage = run(scenario)
+
+    assert for_b is None
+    assert for_a is not None
+    assert garbage is None
+
+
+def test_revoke_token(db: ScratchDatabase, upstream: UpstreamServer) -> None:
+    async def scenario() -> tuple[Any, Any]:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            tokens = await signed_in_tokens(h, client)
+            refresh = await h.provider.load_refresh_token(client, tokens.refresh_token)
+            assert refresh is not None
+            await h.provider.revoke_token(refresh)
+            return (
+                await h.provider.load_access_token(tokens.access_token),
+                await h.provider.load_refresh_token(client, tokens.refresh_token),
+            )
+
+    assert run(scenario) == (None, None)
+
+
+# Through the SDK's HTTP handlers
+
+
+@contextlib.asynccontextmanager
+async def serve(h: Harness) -> AsyncIterator[str]:
+    routes = create_auth_routes(
+        h.provider,
+        AnyHttpUrl(ISSUER),
+        client_registration_options=ClientRegistrationOptions(
+            enabled=True, valid_scopes=list(SCOPES), default_scopes=list(SCOPES)
+        ),
+        revocation_options=RevocationOptions(enabled=True),
+    )
+    routes.append(Route("/oauth/callback", h.provider.handle_callback))
+    app = Starlette(routes=routes)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            if task.done():
+                await task
+                raise RuntimeError("uvicorn stopped before it started")
+            await asyncio.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+def test_sign_in_over_http(db: ScratchDatabase, upstream: UpstreamServer) -> None:
+    redirect = "http://127.0.0.1:3000/callback"
+    requested = "http://127.0.0.1:40404/callback"
+
+    async def scenario() -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        async with (
+            harness(db, upstream) as h,
+            serve(h) as base,
+            httpx2.AsyncClient(base_url=base, trust_env=False) as http,
+        ):
+            registered = await http.post(
+                "/register",
+                json={
+                    "redirect_uris": [redirect],
+                    "token_endpoint_auth_method": "none",
+                },
+            )
+            assert registered.status_code == 201, registered.text
+            client_id = registered.json()["client_id"]
+
+            authorized = await http.get(
+                "/authorize",
+                params={
+                    "client_id": client_id,
+                    "redirect_uri": requested,
+                    "response_type": "code",
+                    "code_challenge": CHALLENGE,
+                    "state": "xyz",
+                    "resource": RESOURCE,
+                },
+            )
+            assert authorized.status_code == 302, authorized.text
+            query = await asyncio.to_thread(
+                upstream.authorize, authorized.headers["location"]
+            )
+            callback = await http.get("/oauth/callback", params=query)
+            seen["callback"] = callback.headers["location"]
+            code = dict(parse_qsl(urlsplit(callback.headers["location"]).query))["code"]
+
+            form = {
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": requested,
+                "client_id": client_id,
+                "code_verifier": VERIFIER,
+            }
+            seen["token"] = await http.post("/token", data=form)
+            seen["again"] = await http.post("/token", data=form)
+            tokens = seen["token"].json()
+
+            refresh_form = {
+                "grant_type": "refresh_token",
+                "refresh_token": tokens["refresh_token"],
+                "client_id": client_id,
+            }
+            seen["refresh"] = await http.post("/token", data=refresh_form)
+            seen["replay"] = await http.post("/token", data=refresh_form)
+
+            new_refresh = seen["refresh"].json()["refresh_token"]
+            # The SDK's RevocationRequest (mcp 2.3) requires the client_secret
+            # field even for a public client, so it is sent empty.
+            seen["revoke"] = await http.post(
+                "/revoke",
+                data={
+                    "token": new_refresh,
+                    "client_id": client_id,
+                    "client_secret": "",
+                },
+            )
+            seen["access"] = await h.provider.load_access_token(
+                seen["refresh"].json()["access_token"]
+            )
+        return seen
+
+    seen = run(scenario)
+
+    assert seen["callback"].startswith(requested + "?")
+    assert seen["token"].status_code == 200
+    assert seen["token"].json()["token_type"] == "Bearer"
+    assert seen["again"].status_code == 400
+    assert seen["again"].json()["error"] == "invalid_grant"
+    assert seen["refresh"].status_code == 200
+    assert seen["replay"].status_code == 400
+    assert seen["replay"].json()["error"] == "invalid_grant"
+    assert seen["revoke"].status_code == 200
+    assert seen["access"] is None
+    assert count(db, "user_sessions") == 2
+    with db.connect() as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM user_sessions WHERE revoked_at IS NULL"
+        ).fetchone()
+    assert row == (0,)
+
+
+def test_no_secret_in_logs(
+    db: ScratchDatabase, upstream: UpstreamServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+
+    async def scenario() -> list[str]:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            query = await upstream_callback(h, client)
+            response = await h.provider.handle_callback(callback_request(query))
+            _, result = redirect_query(response)
+            loaded = await h.provider.load_authorization_code(client, result["code"])
+            assert loaded is not None
+            tokens = await h.provider.exchange_authorization_code(client, loaded)
+            assert tokens.refresh_token is not None
+            refresh = await h.provider.load_refresh_token(client, tokens.refresh_token)
+            assert refresh is not None
+            await h.provider.exchange_refresh_token(client, refresh, [])
+            return [
+                query["state"],
+                query["code"],
+                result["code"],
+                tokens.access_token,
+                tokens.refresh_token,
+            ]
+
+    secrets_seen = run(scenario)
+
+    # Only this project's loggers: the test's own HTTP client logs the URLs
+    # it opens, the upstream's authorize URL with its state among them.
+    ours = "\n".join(
+        record.getMessage()
+        for record in caplog.records
+        if record.name.startswith("mcp_authdb")
+    )
+    assert "signed in for client client-a" in ours
+    for value in secrets_seen:
+        assert value not in ours
+
+
+def test_settings_validation() -> None:
+    with pytest.raises(ValueError, match="scopes is empty"):
+        ProviderSettings(issuer=ISSUER, resource=RESOURCE, scopes=())
+    with pytest.raises(ValueError, match="code_lifetime"):
+        ProviderSettings(
+            issuer=ISSUER,
+            resource=RESOURCE,
+            scopes=DEFAULT_SCOPES,
+            code_lifetime=timedelta(0),
+        )
