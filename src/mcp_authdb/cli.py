@@ -2,15 +2,17 @@
 
 Commands: ``migrate``, ``status``, ``verify`` and ``cleanup`` for the schema
 and its data; ``cron install|remove|status`` for cleanup jobs in pg_cron;
-``sessions list|revoke|stats`` for operators. Many options can also be set
-from the environment, under the name given in their help. Exit codes: 0 on
-success, 1 when ``verify`` finds differences, 2 on any error (bad input or
+``sessions list|revoke|stats`` for operators; ``serve`` for the MCP server.
+Many options can also be set from the environment, under the name given in
+their help. Exit codes: 0 on success (for ``serve``, a stop by SIGTERM or
+Ctrl-C), 1 when ``verify`` finds differences, 2 on any error (bad input or
 setting, unreachable database, failed migration, unknown session).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
@@ -22,7 +24,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import psycopg
 from psycopg.conninfo import make_conninfo
@@ -63,6 +65,11 @@ from mcp_authdb.store.sessions import (
 )
 from mcp_authdb.store.tokens import TokenHasher, TokenKey, TokenKeys
 
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+    from mcp_authdb.server.config import ServerConfig
+
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
@@ -70,6 +77,8 @@ EXIT_DIFFERENCES = 1
 EXIT_ERROR = 2
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_RETENTION_VARIABLE = "MCP_AUTHDB_REQUEST_LOG_RETENTION_DAYS"
+# Seconds `serve` waits for open requests to finish after a stop signal.
+SERVE_GRACEFUL_SHUTDOWN_S = 10
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -192,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_cron_commands(commands, common)
     _add_sessions_commands(commands, common)
+    _add_serve_command(commands, common)
     return parser
 
 
@@ -355,6 +365,186 @@ def _add_sessions_commands(
         help="count session rows: live, expired (awaiting cleanup) and revoked",
     )
     stats_parser.set_defaults(command=run_sessions_stats)
+
+
+def _add_serve_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
+    serve_parser = commands.add_parser(
+        "serve",
+        parents=[common],
+        help="run the MCP server and its OAuth authorization server",
+        description=(
+            "Apply pending migrations, then serve the MCP endpoint over "
+            "streamable HTTP until SIGTERM or Ctrl-C. Users sign in at the "
+            "upstream provider (DRUPAL_BASE_URL), or with --dev at a built-in "
+            "development identity provider that accepts any user id. The "
+            "public URL is MCP_AUTHDB_PUBLIC_URL; see the README for every "
+            "variable."
+        ),
+    )
+    serve_parser.add_argument(
+        "--dev",
+        action="store_true",
+        default=_env_flag("MCP_AUTHDB_DEV"),
+        help=(
+            "development mode: loopback only, the built-in identity provider, "
+            "keys in the data folder (env MCP_AUTHDB_DEV=1)"
+        ),
+    )
+    serve_parser.add_argument(
+        "--host",
+        default=None,
+        metavar="ADDRESS",
+        help="the address to listen on (env MCP_AUTHDB_HOST, default 127.0.0.1)",
+    )
+    serve_parser.add_argument(
+        "--port",
+        type=_port("--port"),
+        default=None,
+        metavar="PORT",
+        help="the TCP port to listen on (env MCP_AUTHDB_PORT, default 8000)",
+    )
+    serve_parser.add_argument(
+        "--lock-timeout",
+        type=_positive_float("--lock-timeout"),
+        default=_env_number("MCP_AUTHDB_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT_S),
+        metavar="SECONDS",
+        help=(
+            "how long to wait for another replica's migration, in seconds "
+            f"(env MCP_AUTHDB_LOCK_TIMEOUT, default {DEFAULT_LOCK_TIMEOUT_S:.0f})"
+        ),
+    )
+    serve_parser.set_defaults(command=run_serve)
+
+
+def run_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """Migrate, then serve until SIGTERM or SIGINT; a clean stop returns 0.
+
+    Configuration errors stop the command before it migrates or listens. The
+    embedded server, when used, stays acquired until the server has stopped.
+    """
+    # The server modules load the MCP SDK, Starlette and uvicorn, which the
+    # other commands do not need, so they are imported only here.
+    from mcp_authdb.server.app import build_app
+    from mcp_authdb.server.config import ServerConfig
+
+    config = ServerConfig.from_env(
+        os.environ, dev=args.dev, host=args.host, port=args.port, settings=settings
+    )
+    app = build_app(config)
+
+    with open_target(settings) as target:
+        with connect(target, autocommit=True) as conn:
+            applied = migrate(conn, lock_timeout_s=args.lock_timeout)
+        if applied:
+            logger.info(
+                "applied %d migration(s) to %s before serving",
+                len(applied),
+                target.description,
+                extra={"action": "cli.serve.migrated", "count": len(applied)},
+            )
+        if config.dev:
+            logger.info(
+                "development mode: give your MCP client the URL %s; the sign-in "
+                "page at %s/dev/oauth/authorize accepts any user id, without a "
+                "password",
+                config.resource,
+                config.issuer,
+                extra={"action": "cli.serve.dev", "resource": config.resource},
+            )
+        stop_signal = _run_server(app, config, args)
+
+    if stop_signal is not None:
+        logger.info(
+            "stopped after %s",
+            signal.Signals(stop_signal).name,
+            extra={"action": "cli.serve.stopped"},
+        )
+    return EXIT_OK
+
+
+def _run_server(
+    app: Starlette, config: ServerConfig, args: argparse.Namespace
+) -> int | None:
+    """Run uvicorn on ``app`` until a stop signal; return the signal, if any.
+
+    The app's lifespan runs here rather than in uvicorn, so that a failure to
+    start (an unreachable database, a bad key) propagates as an exception
+    that :func:`main` prints without a traceback.
+    """
+    import uvicorn
+
+    uvicorn_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        lifespan="off",
+        # X-Forwarded-For is read by the app, from trusted proxies only, and
+        # the access log would write authorization codes and states, which
+        # travel in query strings.
+        proxy_headers=False,
+        access_log=False,
+        server_header=False,
+        log_level=args.log_level.lower(),
+        timeout_graceful_shutdown=SERVE_GRACEFUL_SHUTDOWN_S,
+    )
+    server = uvicorn.Server(uvicorn_config)
+    stop_signals: list[int] = []
+
+    def request_stop(signum: int) -> None:
+        stop_signals.append(signum)
+        server.should_exit = True
+
+    async def serve() -> None:
+        # Before uvicorn installs its own handlers, and after it restores
+        # these and raises the signal it caught again, a stop signal only
+        # sets should_exit, so the lifespan still closes everything.
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, request_stop, signum)
+
+        # An error raised inside the lifespan leaves the SDK's task group
+        # wrapped in an exception group, so a failure to listen is raised
+        # after the lifespan has closed.
+        listen_error: OSError | None = None
+        async with app.router.lifespan_context(app):
+            if server.should_exit:
+                return
+            announce = asyncio.create_task(_announce(server, config, args.json))
+            try:
+                await server.serve()
+            except SystemExit:
+                # uvicorn exits this way when it cannot listen, after logging
+                # why (such as "address already in use").
+                listen_error = OSError(
+                    f"could not listen on {config.host} port {config.port}; see "
+                    "the message above, and choose another address or port "
+                    "with --host and --port"
+                )
+            finally:
+                announce.cancel()
+        if listen_error is not None:
+            raise listen_error
+
+    try:
+        asyncio.run(serve())
+    finally:
+        # Closing the event loop reset the signals to their defaults.
+        _exit_on_termination()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    return stop_signals[0] if stop_signals else None
+
+
+async def _announce(server: Any, config: ServerConfig, as_json: bool) -> None:
+    while not server.started:
+        await asyncio.sleep(0.05)
+    if as_json:
+        _print_json(
+            {"mcp_url": config.resource, "issuer": config.issuer, "dev": config.dev}
+        )
+        sys.stdout.flush()
 
 
 def run_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -972,6 +1162,13 @@ def _database_name(text: str) -> str:
             "1 to 63 bytes"
         )
     return text
+
+
+def _port(option: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        return _whole_number(option, text, 1, 65535, "a TCP port")
+
+    return parse
 
 
 def _positive_float(option: str) -> Callable[[str], float]:
