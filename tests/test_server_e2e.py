@@ -161,7 +161,9 @@ async def follow_to_client(url: str) -> str:
     raise AssertionError("the sign-in never redirected to the client")
 
 
-def oauth_client(server_url: str, storage: MemoryStorage) -> OAuthClientProvider:
+def oauth_client(
+    server_url: str, storage: MemoryStorage, auth_method: str = "client_secret_post"
+) -> OAuthClientProvider:
     """The SDK's OAuth client with a headless browser step."""
     redirected: list[str] = []
 
@@ -181,7 +183,7 @@ def oauth_client(server_url: str, storage: MemoryStorage) -> OAuthClientProvider
             "redirect_uris": [CLIENT_REDIRECT_URI],
             "grant_types": ["authorization_code", "refresh_token"],
             "response_types": ["code"],
-            "token_endpoint_auth_method": "client_secret_post",
+            "token_endpoint_auth_method": auth_method,
         }
     )
     return OAuthClientProvider(
@@ -194,9 +196,11 @@ def oauth_client(server_url: str, storage: MemoryStorage) -> OAuthClientProvider
 
 
 @contextlib.asynccontextmanager
-async def mcp_session(mcp_url: str, storage: MemoryStorage) -> AsyncIterator[Client]:
+async def mcp_session(
+    mcp_url: str, storage: MemoryStorage, auth_method: str = "client_secret_post"
+) -> AsyncIterator[Client]:
     """Connect the SDK client to ``mcp_url``, signing in when it must."""
-    auth = oauth_client(mcp_url, storage)
+    auth = oauth_client(mcp_url, storage, auth_method)
     async with (
         httpx2.AsyncClient(auth=auth, timeout=30.0) as http,
         Client(streamable_http_client(mcp_url, http_client=http)) as client,
@@ -239,6 +243,25 @@ async def refresh_at(base_url: str, storage: MemoryStorage) -> dict[str, Any]:
     body: dict[str, Any] = response.json()
     storage.tokens = OAuthToken.model_validate(body)
     return body
+
+
+def mcp_status(base_url: str, access_token: str) -> int:
+    """POST tools/list with ``access_token``; return the status of a refusal.
+
+    A 401 must point the client at the protected resource metadata.
+    """
+    response = httpx2.post(
+        base_url + "/mcp",
+        headers={
+            "Authorization": f"Bearer {access_token}",
+            "Accept": "application/json, text/event-stream",
+        },
+        json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+        timeout=10.0,
+    )
+    if response.status_code == 401:
+        assert "resource_metadata=" in response.headers["www-authenticate"]
+    return response.status_code
 
 
 def request_log_rows(db: ScratchDatabase) -> list[dict[str, Any]]:
@@ -384,17 +407,7 @@ def test_refresh_token_of_a_revoked_sign_in_is_refused_on_every_replica(
         assert revoked.status_code == 200
 
         for server in (first, second):
-            response = httpx2.post(
-                server.url + "/mcp",
-                headers={
-                    "Authorization": f"Bearer {access}",
-                    "Accept": "application/json, text/event-stream",
-                },
-                json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
-                timeout=10.0,
-            )
-            assert response.status_code == 401
-            assert "resource_metadata=" in response.headers["www-authenticate"]
+            assert mcp_status(server.url, access) == 401
 
             refused = httpx2.post(
                 server.url + "/token",
@@ -408,3 +421,32 @@ def test_refresh_token_of_a_revoked_sign_in_is_refused_on_every_replica(
             )
             assert refused.status_code == 400
             assert refused.json()["error"] == "invalid_grant"
+
+
+def test_public_client_signs_in_and_revokes_without_a_secret(
+    db: ScratchDatabase, tmp_path: Path
+) -> None:
+    with (
+        upstream_server() as upstream,
+        replicas(db, upstream, tmp_path) as (first, second),
+    ):
+        storage = MemoryStorage()
+
+        async def sign_in() -> None:
+            async with mcp_session(first.url + "/mcp", storage, "none") as client:
+                tool_json(await client.call_tool("whoami", {}))
+
+        asyncio.run(sign_in())
+        assert storage.tokens is not None and storage.client_info is not None
+        assert storage.client_info.client_secret is None
+        access = storage.tokens.access_token
+
+        # RFC 7009 section 2.1: a public client sends its client_id only.
+        revoked = httpx2.post(
+            second.url + "/revoke",
+            data={"token": access, "client_id": storage.client_info.client_id or ""},
+            timeout=10.0,
+        )
+        assert revoked.status_code == 200, revoked.text
+
+        assert mcp_status(first.url, access) == 401

@@ -55,6 +55,7 @@ from mcp.server.auth.handlers.metadata import (
     ProtectedResourceMetadataHandler,
 )
 from mcp.server.auth.handlers.register import RegistrationHandler
+from mcp.server.auth.handlers.revoke import RevocationHandler
 from mcp.server.auth.handlers.token import TokenHandler
 from mcp.server.auth.middleware.client_auth import ClientAuthenticator
 from mcp.server.auth.provider import (
@@ -119,6 +120,7 @@ SERVER_NAME = "mcp-authdb"
 AUTHORIZATION_SERVER_METADATA_PATH = "/.well-known/oauth-authorization-server"
 PROTECTED_RESOURCE_METADATA_PATH = "/.well-known/oauth-protected-resource"
 TOKEN_PATH = "/token"
+REVOCATION_PATH = "/revoke"
 REGISTRATION_PATH = "/register"
 # The key of the advisory lock taken by a round of the OAuth state cleanup:
 # the bytes "mcpoauth" read as a big-endian integer. It differs from the keys
@@ -385,7 +387,7 @@ def _routes(
     """Return the app's routes: the SDK's, some replaced, and this server's."""
     by_path = {route.path: route for route in sdk_routes if isinstance(route, Route)}
     provider = _DeferredProvider(runtime)
-    for path in ("/authorize", "/revoke", config.mcp_path):
+    for path in ("/authorize", REVOCATION_PATH, config.mcp_path):
         if path not in by_path:
             # A newer SDK may have renamed a route; failing here beats serving
             # an authorization server with a missing endpoint.
@@ -394,6 +396,7 @@ def _routes(
     limit = config.registration_max_bytes
     registration = RegistrationHandler(provider, options=_registration_options(config))
     token = TokenHandler(provider, ClientAuthenticator(provider))
+    revocation = RevocationHandler(provider, ClientAuthenticator(provider))
     resource_metadata = ProtectedResourceMetadataHandler(
         ProtectedResourceMetadata.model_validate(
             {
@@ -437,7 +440,14 @@ def _routes(
             ),
             methods=["POST", "OPTIONS"],
         ),
-        by_path["/revoke"],
+        Route(
+            REVOCATION_PATH,
+            endpoint=_cors(
+                _RevocationGuard(request_response(revocation.handle), config, limit),
+                ["POST", "OPTIONS"],
+            ),
+            methods=["POST", "OPTIONS"],
+        ),
         by_path[config.mcp_path],
         Route(CALLBACK_PATH, endpoint=callback, methods=["GET"]),
         Route(
@@ -591,12 +601,13 @@ class _BodyLimitedGuard:
             )
             return
 
-        await self.handle(scope, body, _replay(body, receive), send)
+        await self.handle(scope, body, receive, send)
 
     async def handle(
         self, scope: Scope, body: bytes, receive: Receive, send: Send
     ) -> None:
-        await self.app(scope, receive, send)
+        """Check ``body`` and pass the request on; ``receive`` is past the body."""
+        await self.app(scope, _replay(body, receive), send)
 
 
 class _TokenGuard(_BodyLimitedGuard):
@@ -646,7 +657,34 @@ class _TokenGuard(_BodyLimitedGuard):
                 )
                 return
 
-        await self.app(scope, receive, send)
+        await self.app(scope, _replay(body, receive), send)
+
+
+class _RevocationGuard(_BodyLimitedGuard):
+    """Lets a public client revoke without a ``client_secret`` field.
+
+    RFC 7009 section 2.1 asks a public client for its ``client_id`` only, but
+    the SDK's revocation handler requires the field to be present. An empty
+    one is added when it is missing; the SDK's client authentication still
+    demands the real secret from a confidential client.
+    """
+
+    async def handle(
+        self, scope: Scope, body: bytes, receive: Receive, send: Send
+    ) -> None:
+        form = parse_qs(body.decode("latin-1"), keep_blank_values=True)
+        if "client_secret" in form:
+            await self.app(scope, _replay(body, receive), send)
+            return
+
+        body += b"&client_secret=" if body else b"client_secret="
+        headers = [
+            (name, value)
+            for name, value in scope["headers"]
+            if name.lower() != b"content-length"
+        ]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await self.app({**scope, "headers": headers}, _replay(body, receive), send)
 
 
 class _RegistrationGuard(_BodyLimitedGuard):
@@ -665,7 +703,7 @@ class _RegistrationGuard(_BodyLimitedGuard):
         source = source_address(scope, self.config)
         reset = registration_source.set(source)
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, _replay(body, receive), send)
         except RegistrationRateLimited as exc:
             logger.warning(
                 "rejected a client registration from %s: over the limit of %d per hour",

@@ -42,10 +42,11 @@ Settings from the environment (:meth:`CleanupSchedule.from_env`):
 
 - ``SESSION_CLEANUP_INTERVAL``: seconds between rounds, default 86400. ``0``
   turns the periodic rounds off, for deployments that clean with pg_cron.
-- ``TOKEN_CLEANUP_INTERVAL``: checked, but it changes nothing. Access and
-  refresh tokens are columns of their session's row, so the session cleanup
-  deletes them too, and an expired token is rejected at lookup by the
-  database clock whether or not its row was deleted yet.
+- ``TOKEN_CLEANUP_INTERVAL`` is not read here. Access and refresh tokens are
+  columns of their session's row, so the session cleanup deletes them too,
+  and an expired token is rejected at lookup by the database clock whether
+  or not its row was deleted yet. The MCP server uses the variable for its
+  own round, which deletes ended OAuth sign-ins, codes and unused clients.
 - ``MCP_AUTHDB_REQUEST_LOG_RETENTION_DAYS``: days of request logs to keep,
   default 30. ``0`` keeps them forever.
 - ``MCP_AUTHDB_BATCH_SIZE``: rows per transaction, default 5000.
@@ -174,14 +175,6 @@ class CleanupSchedule:
             return env.get(name, "").strip() or None
 
         interval_s = _env_seconds("SESSION_CLEANUP_INTERVAL", get, DEFAULT_INTERVAL_S)
-        token_interval_s = _env_seconds("TOKEN_CLEANUP_INTERVAL", get, 0)
-        if token_interval_s:
-            logger.info(
-                "TOKEN_CLEANUP_INTERVAL=%d has no effect: tokens are deleted "
-                "with their session, every SESSION_CLEANUP_INTERVAL seconds",
-                token_interval_s,
-                extra={"action": "scheduler.token_interval"},
-            )
 
         days = parse_whole_number_in_range(
             "MCP_AUTHDB_REQUEST_LOG_RETENTION_DAYS",
