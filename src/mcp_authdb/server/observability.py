@@ -134,12 +134,24 @@ class Metrics:
         self._method_labels: set[str] = set()
         self._labels_lock = threading.Lock()
         self._watched: set[int] = set()
+        # The children of each (method, status), looked up once: labels() costs
+        # more than the increment and the observation together.
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     def observe_request(self, method: str, status: str, duration_s: float) -> None:
         """Count one MCP request and record its duration in seconds."""
-        label = self._method_label(method)
-        self.requests.labels(method=label, status=status).inc()
-        self.request_duration.labels(method=label).observe(duration_s)
+        children = self._children.get((method, status))
+        if children is None:
+            label = self._method_label(method)
+            children = (
+                self.requests.labels(method=label, status=status),
+                self.request_duration.labels(method=label),
+            )
+            if label == method:
+                self._children[(method, status)] = children
+        counter, histogram = children
+        counter.inc()
+        histogram.observe(duration_s)
 
     def record_oauth_cleanup(self, outcome: str) -> None:
         """Count one round of the OAuth state cleanup (``completed`` or ``failed``)."""
@@ -307,11 +319,12 @@ def _response_size(result: HandlerResult) -> int | None:
     try:
         if isinstance(result, Mapping):
             text = json.dumps(result, separators=(",", ":"), ensure_ascii=False)
-        else:
-            text = result.model_dump_json(by_alias=True, exclude_none=True)
-    except (TypeError, ValueError):
+            return len(text.encode("utf-8"))
+        # Serialized straight to UTF-8 bytes, without a str in between.
+        serializer = type(result).__pydantic_serializer__
+        return len(serializer.to_json(result, by_alias=True, exclude_none=True))
+    except (TypeError, ValueError, AttributeError):
         return None
-    return len(text.encode("utf-8"))
 
 
 def _caller_id() -> str | None:
