@@ -441,6 +441,11 @@ def test_public_client_signs_in_and_revokes_without_a_secret(
         assert storage.client_info.client_secret is None
         access = storage.tokens.access_token
 
+        metadata = httpx2.get(
+            first.url + "/.well-known/oauth-authorization-server", timeout=10.0
+        ).json()
+        assert "none" in metadata["revocation_endpoint_auth_methods_supported"]
+
         # RFC 7009 section 2.1: a public client sends its client_id only.
         revoked = httpx2.post(
             second.url + "/revoke",

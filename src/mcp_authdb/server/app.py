@@ -500,6 +500,7 @@ def _authorization_server_metadata(config: ServerConfig) -> Any:
             "client_id_metadata_document_supported": True,
             "authorization_response_iss_parameter_supported": True,
             "token_endpoint_auth_methods_supported": auth_methods,
+            "revocation_endpoint_auth_methods_supported": auth_methods,
         }
     )
 
