@@ -359,5 +359,8 @@ def test_uncreatable_key_file_reported(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
 
-    with pytest.raises(ConfigurationError, match="could not be created"):
+    with pytest.raises(ConfigurationError) as raised:
         Encryptor.from_env({}, key_file=blocker / "encryption-key")
+
+    assert "is not a folder" in str(raised.value)
+    assert ENCRYPTION_KEY_VARIABLE in str(raised.value)

@@ -329,27 +329,26 @@ def test_zero_limit_rejects_all(db: ScratchDatabase) -> None:
     assert count(db, "oauth_clients") == 0
 
 
-def test_negative_limit_rejected(db: ScratchDatabase) -> None:
+@pytest.mark.parametrize(
+    ("source", "limit", "message"),
+    [
+        pytest.param(SOURCE, -1, "limit_per_hour=-1", id="negative-limit"),
+        pytest.param("", 5, "source has", id="empty-source"),
+        pytest.param("x" * 65, 5, "source has", id="long-source"),
+    ],
+)
+def test_invalid_registration_arguments_rejected(
+    db: ScratchDatabase, source: str, limit: int, message: str
+) -> None:
     async def scenario() -> bool:
         async with open_store(db) as store:
             return await store.register_client(
-                "client-1", METADATA, None, source=SOURCE, limit_per_hour=-1
+                "client-1", METADATA, None, source=source, limit_per_hour=limit
             )
 
-    with pytest.raises(InvalidValueError, match="limit_per_hour=-1"):
+    with pytest.raises(InvalidValueError, match=message):
         run(scenario)
-
-
-@pytest.mark.parametrize("source", ["", "x" * 65])
-def test_invalid_source_rejected(db: ScratchDatabase, source: str) -> None:
-    async def scenario() -> bool:
-        async with open_store(db) as store:
-            return await store.register_client(
-                "client-1", METADATA, None, source=source, limit_per_hour=5
-            )
-
-    with pytest.raises(InvalidValueError, match="source has"):
-        run(scenario)
+    assert count(db, "oauth_clients") == 0
 
 
 def test_concurrent_registrations_respect_limit(db: ScratchDatabase) -> None:
@@ -780,6 +779,24 @@ def insert_grant(
     return run(scenario)
 
 
+def refresh_without_upstream_call(
+    db: ScratchDatabase, family_id: uuid.UUID, threshold: float
+) -> UpstreamTokens:
+    """Return what ``refresh_upstream`` returns with a callback that must not run.
+
+    The callback fails the test if the store calls it.
+    """
+
+    async def refresh(current: UpstreamTokens) -> UpstreamTokens:
+        raise AssertionError("refresh must not be called")
+
+    async def scenario() -> UpstreamTokens:
+        async with open_store(db) as store:
+            return await store.refresh_upstream(family_id, refresh, threshold)
+
+    return run(scenario)
+
+
 def test_get_grant_unknown_is_none(db: ScratchDatabase) -> None:
     async def scenario() -> Any:
         async with open_store(db) as store:
@@ -871,14 +888,7 @@ def test_tokens_without_means_not_refreshed(
 ) -> None:
     family_id = insert_grant(db, tokens)
 
-    async def refresh(current: UpstreamTokens) -> UpstreamTokens:
-        raise AssertionError("refresh must not be called")
-
-    async def scenario() -> UpstreamTokens:
-        async with open_store(db) as store:
-            return await store.refresh_upstream(family_id, refresh, 0.5)
-
-    assert run(scenario) == tokens
+    assert refresh_without_upstream_call(db, family_id, 0.5) == tokens
 
 
 def test_failed_refresh_keeps_tokens(db: ScratchDatabase) -> None:
@@ -928,15 +938,8 @@ def test_concurrent_refresh_calls_upstream_once(db: ScratchDatabase) -> None:
 def test_refresh_without_grant_raises(db: ScratchDatabase) -> None:
     family_id = uuid.uuid4()
 
-    async def refresh(current: UpstreamTokens) -> UpstreamTokens:
-        raise AssertionError("refresh must not be called")
-
-    async def scenario() -> UpstreamTokens:
-        async with open_store(db) as store:
-            return await store.refresh_upstream(family_id, refresh, 0.9)
-
     with pytest.raises(GrantNotFoundError) as raised:
-        run(scenario)
+        refresh_without_upstream_call(db, family_id, 0.9)
 
     assert raised.value.family_id == family_id
 
@@ -944,28 +947,14 @@ def test_refresh_without_grant_raises(db: ScratchDatabase) -> None:
 def test_refresh_of_grant_without_tokens_raises(db: ScratchDatabase) -> None:
     family_id = insert_grant(db, None)
 
-    async def refresh(current: UpstreamTokens) -> UpstreamTokens:
-        raise AssertionError("refresh must not be called")
-
-    async def scenario() -> UpstreamTokens:
-        async with open_store(db) as store:
-            return await store.refresh_upstream(family_id, refresh, 0.9)
-
     with pytest.raises(GrantNotFoundError, match="contains no upstream tokens"):
-        run(scenario)
+        refresh_without_upstream_call(db, family_id, 0.9)
 
 
 @pytest.mark.parametrize("threshold", [0, -0.5, 1.5])
 def test_refresh_threshold_checked(db: ScratchDatabase, threshold: float) -> None:
-    async def refresh(current: UpstreamTokens) -> UpstreamTokens:
-        raise AssertionError("refresh must not be called")
-
-    async def scenario() -> UpstreamTokens:
-        async with open_store(db) as store:
-            return await store.refresh_upstream(uuid.uuid4(), refresh, threshold)
-
     with pytest.raises(InvalidValueError, match="threshold"):
-        run(scenario)
+        refresh_without_upstream_call(db, uuid.uuid4(), threshold)
 
 
 # Cleanup

@@ -8,22 +8,14 @@ request_logs rows from a real PostgreSQL database.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx2
 import pytest
-import uvicorn
-from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.auth.provider import AccessToken
-from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from pydantic import AnyHttpUrl
 from starlette.applications import Starlette
 from starlette.routing import Route
 
@@ -39,12 +31,16 @@ from mcp_authdb.server.observability import (
     request_logging_middleware,
 )
 from mcp_authdb.store.authdb import AsyncAuthDB
+from server_helpers import (
+    KEYS,
+    RESOURCE,
+    mcp_client,
+    resource_auth_settings,
+    serving,
+)
 
 from conftest import ScratchDatabase
 
-KEYS = "k1:" + "s" * 43
-ORIGIN = "http://127.0.0.1:9"  # only named in the auth settings, never contacted
-RESOURCE = ORIGIN + "/mcp"
 CLIENT_MODES = ("legacy", "auto")
 
 
@@ -63,47 +59,6 @@ class BearerIsUser:
         )
 
 
-@contextlib.asynccontextmanager
-async def serving(app: Any) -> AsyncIterator[str]:
-    """Serve ``app`` with uvicorn on a free port of 127.0.0.1; yield its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            if task.done():
-                await task
-                raise RuntimeError("uvicorn stopped before it started")
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
-
-
-@contextlib.asynccontextmanager
-async def mcp_client(base_url: str, token: str, mode: str) -> AsyncIterator[Client]:
-    headers = {"Authorization": f"Bearer {token}"}
-    async with (
-        httpx2.AsyncClient(headers=headers) as http,
-        Client(
-            streamable_http_client(base_url + "/mcp", http_client=http), mode=mode
-        ) as client,
-    ):
-        yield client
-
-
-def auth_settings() -> AuthSettings:
-    return AuthSettings(
-        issuer_url=AnyHttpUrl(ORIGIN),
-        resource_server_url=AnyHttpUrl(RESOURCE),
-        validate_token_resource=True,
-    )
-
-
 def environment(db: ScratchDatabase) -> dict[str, str]:
     return db.env(MCP_AUTHDB_TOKEN_KEYS=KEYS, SESSION_CLEANUP_INTERVAL="0")
 
@@ -113,7 +68,7 @@ def build_server(authdb: AsyncAuthDB, metrics: Metrics) -> MCPServer:
     server = MCPServer(
         "observability-test",
         token_verifier=BearerIsUser(),
-        auth=auth_settings(),
+        auth=resource_auth_settings(),
         middleware=[request_logging_middleware(authdb.request_log, metrics)],
     )
 
@@ -238,7 +193,7 @@ def test_middleware_without_request_log_counts_metrics(db: ScratchDatabase) -> N
             server = MCPServer(
                 "metrics-only",
                 token_verifier=BearerIsUser(),
-                auth=auth_settings(),
+                auth=resource_auth_settings(),
                 middleware=[request_logging_middleware(None, metrics)],
             )
 

@@ -14,7 +14,6 @@ import base64
 import contextlib
 import dataclasses
 import hashlib
-import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from datetime import UTC, datetime, timedelta
@@ -23,7 +22,6 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import httpx2
 import pytest
-import uvicorn
 from mcp.server.auth.provider import (
     AuthorizationParams,
     AuthorizeError,
@@ -45,6 +43,7 @@ from mcp_authdb.server.client_metadata import ClientMetadataFetcher
 from mcp_authdb.server.crypto import Encryptor
 from mcp_authdb.server.oauth_store import OAuthStore, PendingAuthorization
 from mcp_authdb.server.provider import (
+    AuthDBAuthorizationCode,
     AuthDBClientInformation,
     AuthDBProvider,
     ProviderSettings,
@@ -54,6 +53,7 @@ from mcp_authdb.server.provider import (
 from mcp_authdb.server.upstream import DEFAULT_SCOPES, UpstreamClient
 from mcp_authdb.store import AsyncSessionStore, TokenHasher, TokenKeys, TokenKind
 from mcp_authdb.store.tokens import new_token
+from server_helpers import serving
 from upstream_server import UpstreamServer, upstream_server
 
 from conftest import ScratchDatabase
@@ -321,21 +321,36 @@ def test_metadata_document_client_from_cache(
 # Authorization and callback
 
 
-def test_authorize_resource_mismatch(
-    db: ScratchDatabase, upstream: UpstreamServer
+@pytest.mark.parametrize(
+    ("overrides", "error", "described"),
+    [
+        pytest.param(
+            {"resource": "https://other.example/mcp"},
+            "invalid_target",
+            "https://other.example/mcp",
+            id="resource-mismatch",
+        ),
+        pytest.param({"scopes": ["admin"]}, "invalid_scope", "", id="unknown-scope"),
+    ],
+)
+def test_authorize_rejected(
+    db: ScratchDatabase,
+    upstream: UpstreamServer,
+    overrides: dict[str, Any],
+    error: str,
+    described: str,
 ) -> None:
-    async def scenario() -> None:
+    async def scenario() -> AuthorizeError:
         async with harness(db, upstream) as h:
             client = await register(h)
             with pytest.raises(AuthorizeError) as info:
-                await h.provider.authorize(
-                    client, params(resource="https://other.example/mcp")
-                )
-            assert info.value.error == "invalid_target"
-            assert "https://other.example/mcp" in (info.value.error_description or "")
+                await h.provider.authorize(client, params(**overrides))
+            return info.value
 
-    run(scenario)
+    raised = run(scenario)
 
+    assert raised.error == error
+    assert described in (raised.error_description or "")
     assert count(db, "oauth_pending_authorizations") == 0
 
 
@@ -355,17 +370,6 @@ def test_authorize_resource_forms(
             "SELECT resource FROM oauth_pending_authorizations"
         ).fetchall()
     assert rows == [(RESOURCE,), (RESOURCE,)]
-
-
-def test_authorize_unknown_scope(db: ScratchDatabase, upstream: UpstreamServer) -> None:
-    async def scenario() -> None:
-        async with harness(db, upstream) as h:
-            client = await register(h)
-            with pytest.raises(AuthorizeError) as info:
-                await h.provider.authorize(client, params(scopes=["admin"]))
-            assert info.value.error == "invalid_scope"
-
-    run(scenario)
 
 
 def test_authorize_stores_pending(
@@ -572,17 +576,23 @@ def test_unknown_level_becomes_lowest(
 # Code exchange
 
 
+async def signed_in_code(h: Harness, client: Any) -> AuthDBAuthorizationCode:
+    """Run the whole authorization; return the code the provider loads for it."""
+    code = await sign_in(h, client)
+    loaded = await h.provider.load_authorization_code(client, code)
+    assert loaded is not None
+    return loaded
+
+
 def test_code_single_use(db: ScratchDatabase, upstream: UpstreamServer) -> None:
     async def scenario() -> tuple[Any, Any]:
         async with harness(db, upstream) as h:
             client = await register(h)
-            code = await sign_in(h, client)
-            loaded = await h.provider.load_authorization_code(client, code)
-            assert loaded is not None
+            loaded = await signed_in_code(h, client)
             tokens = await h.provider.exchange_authorization_code(client, loaded)
             with pytest.raises(TokenError) as info:
                 await h.provider.exchange_authorization_code(client, loaded)
-            after = await h.provider.load_authorization_code(client, code)
+            after = await h.provider.load_authorization_code(client, loaded.code)
             return tokens, (info.value, after)
 
     tokens, (error, after) = run(scenario)
@@ -604,9 +614,7 @@ def test_concurrent_code_exchange(
     async def scenario() -> list[Any]:
         async with harness(db, upstream) as h:
             client = await register(h)
-            code = await sign_in(h, client)
-            loaded = await h.provider.load_authorization_code(client, code)
-            assert loaded is not None
+            loaded = await signed_in_code(h, client)
             return await asyncio.gather(
                 *(
                     h.provider.exchange_authorization_code(client, loaded)
@@ -663,9 +671,7 @@ def test_code_for_other_resource(db: ScratchDatabase, upstream: UpstreamServer) 
     async def scenario() -> TokenError:
         async with harness(db, upstream) as h:
             client = await register(h)
-            code = await sign_in(h, client)
-            loaded = await h.provider.load_authorization_code(client, code)
-            assert loaded is not None
+            loaded = await signed_in_code(h, client)
             loaded.resource = "https://other.example/mcp"
             with pytest.raises(TokenError) as info:
                 await h.provider.exchange_authorization_code(client, loaded)
@@ -679,9 +685,7 @@ def test_code_for_other_resource(db: ScratchDatabase, upstream: UpstreamServer) 
 
 
 async def signed_in_tokens(h: Harness, client: Any) -> Any:
-    code = await sign_in(h, client)
-    loaded = await h.provider.load_authorization_code(client, code)
-    assert loaded is not None
+    loaded = await signed_in_code(h, client)
     tokens = await h.provider.exchange_authorization_code(client, loaded)
     assert tokens.refresh_token is not None
     return tokens
@@ -860,23 +864,8 @@ async def serve(h: Harness) -> AsyncIterator[str]:
         revocation_options=RevocationOptions(enabled=True),
     )
     routes.append(Route("/oauth/callback", h.provider.handle_callback))
-    app = Starlette(routes=routes)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            if task.done():
-                await task
-                raise RuntimeError("uvicorn stopped before it started")
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
+    async with serving(Starlette(routes=routes), lifespan="off") as base_url:
+        yield base_url
 
 
 def test_sign_in_over_http(db: ScratchDatabase, upstream: UpstreamServer) -> None:

@@ -11,21 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import socket
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx2
 import pytest
-import uvicorn
 from mcp import Client
-from mcp.client.streamable_http import streamable_http_client
-from mcp.server.auth.settings import AuthSettings
 from mcp.server.mcpserver import MCPServer
 from mcp_types import CallToolResult
-from pydantic import AnyHttpUrl
 
 from mcp_authdb.errors import InvalidValueError
 from mcp_authdb.server.crypto import Encryptor
@@ -36,13 +30,17 @@ from mcp_authdb.server.tools import USAGE_SQL, ToolSettings, register_tools
 from mcp_authdb.server.upstream import UpstreamClient, new_pkce_pair
 from mcp_authdb.store.authdb import AsyncAuthDB
 from mcp_authdb.store.tokens import TokenKind, new_token
+from server_helpers import (
+    KEYS,
+    RESOURCE,
+    mcp_client,
+    resource_auth_settings,
+    serving,
+)
 from upstream_server import Injection, UpstreamServer, upstream_server
 
 from conftest import ScratchDatabase
 
-KEYS = "k1:" + "s" * 43
-ORIGIN = "http://127.0.0.1:9"  # only named in settings, never contacted
-RESOURCE = ORIGIN + "/mcp"
 CLIENT_ID = "test-mcp-client"
 SEARCH_SCOPES = ("content:read", "content:search")
 SETTINGS = ToolSettings(
@@ -139,17 +137,10 @@ class Harness:
         )
         return issued.access_token
 
-    @contextlib.asynccontextmanager
-    async def client(self, access_token: str) -> AsyncIterator[Client]:
-        headers = {"Authorization": f"Bearer {access_token}"}
-        async with (
-            httpx2.AsyncClient(headers=headers) as http,
-            Client(
-                streamable_http_client(self.base_url + "/mcp", http_client=http),
-                mode="auto",
-            ) as client,
-        ):
-            yield client
+    def client(
+        self, access_token: str
+    ) -> contextlib.AbstractAsyncContextManager[Client]:
+        return mcp_client(self.base_url, access_token, "auto")
 
     async def call(
         self, access_token: str, tool: str, arguments: dict[str, Any]
@@ -162,27 +153,6 @@ class Harness:
     async def flush_log(self) -> None:
         assert self.authdb.request_log is not None
         assert await self.authdb.request_log.flush()
-
-
-@contextlib.asynccontextmanager
-async def serving(app: Any) -> AsyncIterator[str]:
-    """Serve ``app`` with uvicorn on a free port of 127.0.0.1; yield its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        while not server.started:
-            if task.done():
-                await task
-                raise RuntimeError("uvicorn stopped before it started")
-            await asyncio.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
 
 
 @contextlib.asynccontextmanager
@@ -207,11 +177,7 @@ async def tool_server(
         server = MCPServer(
             "tools-test",
             token_verifier=verifier,
-            auth=AuthSettings(
-                issuer_url=AnyHttpUrl(ORIGIN),
-                resource_server_url=AnyHttpUrl(RESOURCE),
-                validate_token_resource=True,
-            ),
+            auth=resource_auth_settings(),
             middleware=[request_logging_middleware(authdb.request_log, Metrics())],
         )
         register_tools(

@@ -21,21 +21,16 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import errno
-import logging
-import os
 import re
 import secrets
-import stat
 from collections.abc import Mapping
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from mcp_authdb.db.secret_file import SecretFile, read_secret_lines
 from mcp_authdb.errors import AuthDBError, ConfigurationError, InvalidValueError
-
-logger = logging.getLogger(__name__)
 
 ENCRYPTION_KEY_VARIABLE = "DB_ENCRYPTION_KEY"
 KEY_BYTES = 32
@@ -214,127 +209,28 @@ def _describe(context: str) -> str:
 
 def _load_key_file(path: Path) -> bytes:
     """Read the key of ``path``, creating the file with a new key if missing."""
-    if not path.exists() and not path.is_symlink():
-        _create_key_file(path)
-    return parse_key(_read_key_file(path), f"the encryption key file {path}")
-
-
-def _create_key_file(path: Path) -> None:
-    """Write a key file with a new key, unless another process is first.
-
-    The key goes to a temporary file that only this process can have made
-    (O_CREAT|O_EXCL), which is then hard-linked to ``path``. A link never
-    replaces an existing file, so the first process to link wins, and readers
-    never see a partly written file.
-    """
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise _key_file_error(path, "could not be created", exc) from None
-
-    content = (
-        "# AES-256-GCM key of the embedded development server's OAuth tables.\n"
-        "# Deleting this file makes every stored client secret and upstream\n"
-        "# token unreadable.\n"
-        f"{secrets.token_hex(KEY_BYTES)}\n"
+    key_file = SecretFile(
+        path=path,
+        description="the encryption key file",
+        variable=ENCRYPTION_KEY_VARIABLE,
+        max_bytes=_KEY_FILE_MAX_BYTES,
+        content_rule="one key line and comments",
+        new_content_name="a new key",
+        log_action="crypto.key_file",
     )
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(temporary, flags, 0o600)
-    except OSError as exc:
-        raise _key_file_error(path, "could not be created", exc) from None
-
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as file:
-            file.write(content)
-            file.flush()
-            os.fsync(file.fileno())
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            logger.debug(
-                "another process created the encryption key file %s first",
-                path,
-                extra={"action": "crypto.key_file.raced"},
-            )
-            return
-        except OSError as exc:
-            raise _key_file_error(path, "could not be created", exc) from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-
-    logger.info(
-        "created the encryption key file %s with a new key",
-        path,
-        extra={"action": "crypto.key_file.created", "path": str(path)},
-    )
-
-
-def _read_key_file(path: Path) -> str:
-    """Return the key line of the key file, checked on the open descriptor."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ConfigurationError(
-                f"the encryption key file {path} is a symbolic link; replace it "
-                f"with the file itself, or set {ENCRYPTION_KEY_VARIABLE}"
-            ) from None
-        raise _key_file_error(path, "could not be opened", exc) from None
-
-    try:
-        _check_key_file(path, os.fstat(fd))
-        data = os.read(fd, _KEY_FILE_MAX_BYTES + 1)
-    finally:
-        os.close(fd)
-
-    if len(data) > _KEY_FILE_MAX_BYTES:
-        raise ConfigurationError(
-            f"the encryption key file {path} is larger than {_KEY_FILE_MAX_BYTES} "
-            "bytes, so it is not a key file; check the path"
-        )
-    try:
-        text = data.decode("ascii")
-    except UnicodeDecodeError:
-        raise ConfigurationError(
-            f"the encryption key file {path} contains non-ASCII bytes; it must "
-            "contain one key line and comments"
-        ) from None
-
-    lines = [line.strip() for line in text.splitlines()]
-    keys = [line for line in lines if line and not line.startswith("#")]
+    keys = read_secret_lines(key_file, _new_key_file_content)
     if len(keys) != 1:
         raise ConfigurationError(
             f"the encryption key file {path} contains {len(keys)} key lines, "
             f"expected 1; restore the file, or set {ENCRYPTION_KEY_VARIABLE}"
         )
-    return keys[0]
+    return parse_key(keys[0], f"the encryption key file {path}")
 
 
-def _check_key_file(path: Path, info: os.stat_result) -> None:
-    if not stat.S_ISREG(info.st_mode):
-        raise ConfigurationError(
-            f"the encryption key file {path} is not a regular file; remove it, "
-            f"or set {ENCRYPTION_KEY_VARIABLE}"
-        )
-    if info.st_uid != os.geteuid():
-        raise ConfigurationError(
-            f"the encryption key file {path} belongs to user id {info.st_uid}, "
-            f"not to this user (id {os.geteuid()}); run as its owner, or, if it "
-            f"can be trusted, make it yours with `chown {os.geteuid()} {path}`"
-        )
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o077:
-        raise ConfigurationError(
-            f"the encryption key file {path} has mode {mode:04o}, so other users "
-            f"may read or change it; run `chmod 600 {path}`"
-        )
-
-
-def _key_file_error(path: Path, failure: str, exc: OSError) -> ConfigurationError:
-    return ConfigurationError(
-        f"the encryption key file {path} {failure}: {exc.strerror}; check the "
-        f"folder's permissions, or set {ENCRYPTION_KEY_VARIABLE}"
+def _new_key_file_content() -> str:
+    return (
+        "# AES-256-GCM key of the embedded development server's OAuth tables.\n"
+        "# Deleting this file makes every stored client secret and upstream\n"
+        "# token unreadable.\n"
+        f"{secrets.token_hex(KEY_BYTES)}\n"
     )

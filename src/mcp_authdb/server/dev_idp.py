@@ -125,12 +125,9 @@ class DevIdentityProvider:
     async def authorize_page(self, request: Request) -> Response:
         """Show the login form for a valid authorization request."""
         params = dict(request.query_params)
-        try:
-            redirect = self._check_authorize_params(params)
-        except _AuthorizeRequestError as exc:
-            return _error_page(str(exc))
-        if isinstance(redirect, Response):
-            return redirect
+        rejection = self._authorize_rejection(params)
+        if rejection is not None:
+            return rejection
 
         return HTMLResponse(_login_page(params), headers=_PAGE_HEADERS)
 
@@ -138,12 +135,9 @@ class DevIdentityProvider:
         """Issue a code for the user and level of the login form, and redirect."""
         form = await request.form()
         params = {key: value for key, value in form.items() if isinstance(value, str)}
-        try:
-            redirect = self._check_authorize_params(params)
-        except _AuthorizeRequestError as exc:
-            return _error_page(str(exc))
-        if isinstance(redirect, Response):
-            return redirect
+        rejection = self._authorize_rejection(params)
+        if rejection is not None:
+            return rejection
 
         user_id = params.get("user_id", "").strip()
         level = params.get("subscription_level", "")
@@ -240,6 +234,14 @@ class DevIdentityProvider:
         return JSONResponse(
             {"jsonrpc": "2.0", "id": request_id, "result": _search(query, limit)}
         )
+
+    def _authorize_rejection(self, params: dict[str, str]) -> Response | None:
+        """Return the error page or error redirect for an invalid authorization
+        request, or None for a valid one."""
+        try:
+            return self._check_authorize_params(params)
+        except _AuthorizeRequestError as exc:
+            return _error_page(str(exc))
 
     def _check_authorize_params(self, params: dict[str, str]) -> Response | None:
         """Check an authorization request; return an error redirect, or None.

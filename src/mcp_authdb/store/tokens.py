@@ -23,24 +23,19 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import enum
-import errno
 import hashlib
 import hmac
-import logging
 import os
 import re
 import secrets
-import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mcp_authdb.db.embedded import default_data_dir
+from mcp_authdb.db.secret_file import SecretFile, read_secret_lines
 from mcp_authdb.db.settings import Settings
 from mcp_authdb.errors import ConfigurationError, InvalidValueError
-
-logger = logging.getLogger(__name__)
 
 TOKEN_KEYS_VARIABLE = "MCP_AUTHDB_TOKEN_KEYS"
 KEY_FILE_NAME = "token-keys"
@@ -266,16 +261,27 @@ class TokenKeys:
         is not a regular file, belongs to another user, is readable or
         writable by other users, or contains invalid keys.
         """
-        try:
-            if not os.path.lexists(path):
-                _make_folder(path.parent)
-                _create_key_file(path)
-            text = _read_key_file(path)
-        except OSError as exc:
-            # The steps report the expected failures themselves. This covers
-            # the others, such as a path too long for the system.
-            raise _key_file_error(path, "could not be read or created", exc) from None
-        return cls.parse(text, source=f"the key file {path}")
+        key_file = SecretFile(
+            path=path,
+            description="the token key file",
+            variable=TOKEN_KEYS_VARIABLE,
+            max_bytes=_KEY_FILE_MAX_BYTES,
+            content_rule="id:secret lines only",
+            new_content_name="a new key k1",
+            log_action="tokens.key_file",
+            exposed_advice=(
+                ", and if someone else may have read it, delete it instead to "
+                "have a new key generated (this ends every session)"
+            ),
+        )
+        keys = read_secret_lines(key_file, _new_key_file_content)
+        if not keys:
+            raise ConfigurationError(
+                f"the token key file {path} contains no key; delete it to have a "
+                f"new key generated (this ends every session), or set "
+                f"{TOKEN_KEYS_VARIABLE}"
+            )
+        return cls.parse(",".join(keys), source=f"the key file {path}")
 
 
 class TokenHasher:
@@ -418,173 +424,9 @@ def _check_distinct(source: str, earlier: TokenKey, key: TokenKey) -> None:
         )
 
 
-def _make_folder(folder: Path) -> None:
-    """Create the embedded data folder and its parents, if missing.
-
-    The modes are those the embedded server gives the folders it creates:
-    0755 under root, whose server user must enter them, and 0700 otherwise.
-    """
-    if folder.is_dir():
-        return
-    if folder.exists():
-        raise ConfigurationError(
-            f"{folder}, the folder of the token key file, is not a folder; "
-            f"choose another folder with MCP_AUTHDB_DATA_DIR, or set "
-            f"{TOKEN_KEYS_VARIABLE}"
-        )
-    mode = 0o755 if os.geteuid() == 0 else 0o700
-    missing = [folder, *(p for p in folder.parents if not p.exists())]
-    for part in reversed(missing):
-        try:
-            part.mkdir(mode=mode)
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise ConfigurationError(
-                f"could not create the folder {part} for the token key file: "
-                f"{exc.strerror}; create it, choose another folder with "
-                f"MCP_AUTHDB_DATA_DIR, or set {TOKEN_KEYS_VARIABLE}"
-            ) from None
-        part.chmod(mode)
-
-
-def _create_key_file(path: Path) -> None:
-    """Write a key file with one new key, unless another process is first.
-
-    The key goes to a temporary file that only this process can have made
-    (O_CREAT|O_EXCL), and that file is then hard-linked to ``path``. A link
-    never replaces an existing file, so the first process to link wins, and
-    readers never see a partly written file.
-    """
-    content = (
+def _new_key_file_content() -> str:
+    return (
         "# Token keys of the embedded development server, newest first, one\n"
         "# id:secret per line. Deleting this file ends every session.\n"
         f"k1:{secrets.token_urlsafe(MIN_SECRET_BYTES)}\n"
-    )
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(temporary, flags, 0o600)
-    except OSError as exc:
-        raise _key_file_error(path, "could not be created", exc) from None
-
-    try:
-        with os.fdopen(fd, "w", encoding="ascii") as file:
-            file.write(content)
-            file.flush()
-            os.fsync(file.fileno())
-        try:
-            os.link(temporary, path)
-        except FileExistsError:
-            logger.debug(
-                "another process created the token key file %s first",
-                path,
-                extra={"action": "tokens.key_file.raced"},
-            )
-            return
-        except OSError as exc:
-            raise _key_file_error(path, "could not be created", exc) from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-
-    _sync_folder(path.parent)
-    logger.info(
-        "created the token key file %s with a new key k1",
-        path,
-        extra={"action": "tokens.key_file.created", "path": str(path)},
-    )
-
-
-def _sync_folder(folder: Path) -> None:
-    # Makes the new link survive a crash. Errors are ignored because some file
-    # systems cannot sync a folder, and the file's own data is already synced.
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _read_key_file(path: Path) -> str:
-    """Return the keys of the key file as one comma-separated string.
-
-    The file's type, owner and mode are checked on the open descriptor, so
-    they are those of the file that is read.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ConfigurationError(
-                f"the token key file {path} is a symbolic link; replace it with "
-                f"the file itself, or set {TOKEN_KEYS_VARIABLE}"
-            ) from None
-        raise _key_file_error(path, "could not be opened", exc) from None
-
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        _check_key_file(path, os.fstat(fd))
-        while size <= _KEY_FILE_MAX_BYTES:
-            chunk = os.read(fd, _KEY_FILE_MAX_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
-
-    if len(data) > _KEY_FILE_MAX_BYTES:
-        raise ConfigurationError(
-            f"the token key file {path} is larger than {_KEY_FILE_MAX_BYTES} "
-            "bytes, so it is not a key file; check the path"
-        )
-    try:
-        text = data.decode("ascii")
-    except UnicodeDecodeError:
-        raise ConfigurationError(
-            f"the token key file {path} contains non-ASCII bytes; it must "
-            "contain id:secret lines only"
-        ) from None
-
-    lines = [line.strip() for line in text.splitlines()]
-    keys = [line for line in lines if line and not line.startswith("#")]
-    if not keys:
-        raise ConfigurationError(
-            f"the token key file {path} contains no key; delete it to have a "
-            f"new key generated (this ends every session), or set "
-            f"{TOKEN_KEYS_VARIABLE}"
-        )
-    return ",".join(keys)
-
-
-def _check_key_file(path: Path, info: os.stat_result) -> None:
-    if not stat.S_ISREG(info.st_mode):
-        raise ConfigurationError(
-            f"the token key file {path} is not a regular file; remove it, or "
-            f"set {TOKEN_KEYS_VARIABLE}"
-        )
-    if info.st_uid != os.geteuid():
-        raise ConfigurationError(
-            f"the token key file {path} belongs to user id {info.st_uid}, not "
-            f"to this user (id {os.geteuid()}); run as its owner, or, if it can "
-            f"be trusted, make it yours with `chown {os.geteuid()} {path}`"
-        )
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o077:
-        raise ConfigurationError(
-            f"the token key file {path} has mode {mode:04o}, so other users may "
-            f"read or change it; run `chmod 600 {path}`, and if someone else may "
-            "have read it, delete it instead to have a new key generated (this "
-            "ends every session)"
-        )
-
-
-def _key_file_error(path: Path, failure: str, exc: OSError) -> ConfigurationError:
-    return ConfigurationError(
-        f"the token key file {path} {failure}: {exc.strerror}; check the "
-        f"folder's permissions, or set {TOKEN_KEYS_VARIABLE}"
     )
