@@ -455,3 +455,71 @@ def test_public_client_signs_in_and_revokes_without_a_secret(
         assert revoked.status_code == 200, revoked.text
 
         assert mcp_status(first.url, access) == 401
+
+
+def well_known(url: str, name: str) -> str:
+    """Insert ``/.well-known/NAME`` between the host and the path of ``url``.
+
+    RFC 8414 section 3.1 and RFC 9728 section 3.1 build metadata URLs so.
+    """
+    parts = urlsplit(url)
+    path = parts.path.rstrip("/")
+    return f"{parts.scheme}://{parts.netloc}/.well-known/{name}{path}"
+
+
+def test_discovery_follows_rfc_9728_and_8414(
+    db: ScratchDatabase, tmp_path: Path
+) -> None:
+    with (
+        upstream_server() as upstream,
+        replicas(db, upstream, tmp_path) as (first, second),
+    ):
+        public = first.url + "/mcp"
+        for server in (first, second):
+            # RFC 9728 section 5.1: the 401 names the resource metadata.
+            challenge = httpx2.post(
+                server.url + "/mcp",
+                json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+                headers={"Accept": "application/json, text/event-stream"},
+                timeout=10.0,
+            )
+            assert challenge.status_code == 401
+            header = challenge.headers["www-authenticate"]
+            assert header.startswith("Bearer ")
+            advertised = header.split('resource_metadata="')[1].split('"')[0]
+            assert advertised == well_known(public, "oauth-protected-resource")
+
+            # RFC 9728 sections 2 and 3.3: resource is the URL the client
+            # uses, exactly, and the document is JSON.
+            response = httpx2.get(server.url + urlsplit(advertised).path, timeout=10.0)
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("application/json")
+            resource_metadata = response.json()
+            assert resource_metadata["resource"] == public
+            issuers = resource_metadata["authorization_servers"]
+            assert issuers == [first.url]
+
+            # RFC 8414 sections 2, 3.1 and 3.3: the issuer of the document
+            # is the one its URL was built from, with no query or fragment,
+            # and the required members are there.
+            issuer = issuers[0]
+            response = httpx2.get(
+                server.url
+                + urlsplit(well_known(issuer, "oauth-authorization-server")).path,
+                timeout=10.0,
+            )
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("application/json")
+            metadata = response.json()
+            assert metadata["issuer"] == issuer
+            assert "?" not in issuer and "#" not in issuer
+            for member in (
+                "authorization_endpoint",
+                "token_endpoint",
+                "registration_endpoint",
+                "revocation_endpoint",
+            ):
+                assert metadata[member].startswith(issuer + "/"), member
+            assert "code" in metadata["response_types_supported"]
+            assert metadata["code_challenge_methods_supported"] == ["S256"]
+            assert metadata["client_id_metadata_document_supported"] is True
