@@ -103,7 +103,7 @@ async def main(mcp_url: str) -> None:
         Client(streamable_http_client(mcp_url, http_client=http)) as client,
     ):
         me = result_json(await client.call_tool("whoami", {}))
-        found = result_json(await client.call_tool("content_search", {"query": "mcp"}))
+        found = result_json(await client.call_tool("content_search", {"query": "sign"}))
 
     if me.get("user_id") != USER_ID or me.get("subscription_level") != "plus":
         raise SystemExit(f"whoami returned {me}")

@@ -447,11 +447,10 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
             )
         if config.dev:
             logger.info(
-                "development mode: give your MCP client the URL %s; the sign-in "
-                "page at %s/dev/oauth/authorize accepts any user id, without a "
-                "password",
+                "development mode: give your MCP client the URL %s. When it "
+                "signs in, the built-in identity provider shows a page that "
+                "accepts any user id and subscription level, without a password",
                 config.resource,
-                config.issuer,
                 extra={"action": "cli.serve.dev", "resource": config.resource},
             )
         stop_signal = _run_server(app, config, args)
@@ -1035,6 +1034,10 @@ def _configure_logging(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    # The HTTP client logs every upstream request at INFO, which repeats what
+    # this package logs about each sign-in; its warnings still show.
+    if logging.getLevelName(level) > logging.DEBUG:
+        logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 
 def _env_flag(name: str) -> bool:

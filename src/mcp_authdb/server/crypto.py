@@ -105,7 +105,8 @@ class Encryptor:
 
         if key_file is None:
             raise ConfigurationError(
-                f"{ENCRYPTION_KEY_VARIABLE} is not set; " + _HOW_TO_GENERATE
+                f"{ENCRYPTION_KEY_VARIABLE} is not set, and it is required with "
+                "DATABASE_URL outside --dev; " + _HOW_TO_GENERATE
             )
         return cls(_load_key_file(key_file))
 
