@@ -28,6 +28,7 @@ import trustme
 
 from mcp_authdb.db import resolve_target
 from mcp_authdb.db.pool import AsyncDatabase
+from mcp_authdb.server import client_metadata
 from mcp_authdb.server.client_metadata import (
     ClientMetadataError,
     ClientMetadataFetcher,
@@ -554,6 +555,8 @@ URL = "https://app.example.com/client.json"
         ),
         (document(URL, response_types=["token"]), "must include 'code'"),
         (document(URL, logo_uri="not a url"), "is not valid client metadata"),
+        (document(URL, client_name="a\x00b"), "contains a NUL character"),
+        (document(URL, scope="read\x00"), "contains a NUL character"),
     ],
 )
 def test_invalid_documents(body: bytes, expected: str) -> None:
@@ -618,6 +621,8 @@ def test_client_id_url_detection() -> None:
         ("max-age=5", 60),
         ("max-age=0", 60),
         ("max-age=9999999", 86400),
+        ("max-age=99999999999999999999", 86400),
+        ("max-age=-99999999999999999999", 60),
         ("max-age=abc", 3600),
         ("no-store", 60),
         ("no-cache, max-age=600", 60),
@@ -742,6 +747,59 @@ def test_failure_remembered(
 
     assert run(scenario) == [None, None, None]
     assert len(server.requests) == 1
+
+
+def test_huge_max_age_cached_one_day(
+    db: ScratchDatabase, server: DocumentServer, trust: ssl.SSLContext
+) -> None:
+    url = server.serve_document("/client.json")
+    headers = server.routes["/client.json"].headers
+    headers["Cache-Control"] = "max-age=99999999999999999999"
+
+    async def scenario() -> tuple[Any, Any]:
+        async with oauth_store(db) as store, fetcher(trust, store=store) as documents:
+            return await documents.get(url), await store.get_client(url)
+
+    before = datetime.now(UTC)
+    found, stored = run(scenario)
+
+    assert found is not None
+    lifetime = stored.document_expires_at - before
+    assert timedelta(hours=23, minutes=59) < lifetime <= timedelta(hours=24, seconds=5)
+
+
+def test_unexpected_failure_remembered(
+    db: ScratchDatabase,
+    server: DocumentServer,
+    trust: ssl.SSLContext,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = server.serve_document("/client.json")
+
+    def broken(url: str, body: bytes) -> dict[str, Any]:
+        raise RuntimeError("a bug while checking the document")
+
+    monkeypatch.setattr(client_metadata, "parse_document", broken)
+
+    async def scenario() -> list[Any]:
+        async with oauth_store(db) as store, fetcher(trust, store=store) as documents:
+            return [await documents.get(url) for _ in range(3)]
+
+    assert run(scenario) == [None, None, None]
+    assert len(server.requests) == 1
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1
+    assert "RuntimeError: a bug while checking the document" in errors[0].message
+    assert url in errors[0].message
+    assert count_clients(db) == 0
+
+
+def count_clients(db: ScratchDatabase) -> int:
+    with db.connect() as conn:
+        row = conn.execute("SELECT count(*) FROM oauth_clients").fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def test_concurrent_gets_fetch_once(

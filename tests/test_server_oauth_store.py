@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
@@ -627,6 +628,47 @@ def test_peek_other_values_none(db: ScratchDatabase) -> None:
     assert run(scenario) == [None, None, None]
 
 
+def test_peek_used_code_names_family(db: ScratchDatabase) -> None:
+    code = new_token(TokenKind.CODE)
+
+    async def scenario() -> tuple[Any, Any]:
+        async with open_store(db) as store:
+            await register(store)
+            await store.put_code(code, code_for("client-1"))
+            issued = await AsyncSessionStore(store.database, HASHER).create(
+                "user-1", then=consume_then(store, code, [])
+            )
+            peeked = await store.peek_code(code)
+            assert issued.session.family_id is not None
+            return peeked, await store.family_session_id(issued.session.family_id)
+
+    peeked, session_id = run(scenario)
+
+    assert peeked.used_at is not None
+    [(family_id, row_id)] = query(db, "SELECT family_id, id FROM user_sessions")
+    assert peeked.family_id == family_id
+    assert session_id == row_id
+
+
+def test_family_session_id_unknown(db: ScratchDatabase) -> None:
+    async def scenario() -> Any:
+        async with open_store(db) as store:
+            return await store.family_session_id(uuid.uuid4())
+
+    assert run(scenario) is None
+
+
+def test_impossible_client_ids_unknown(db: ScratchDatabase) -> None:
+    async def scenario() -> list[Any]:
+        async with open_store(db) as store:
+            return [
+                await store.get_client(client_id)
+                for client_id in ("", "a\x00b", "\x00", "c" * 2049)
+            ]
+
+    assert run(scenario) == [None, None, None, None]
+
+
 def test_put_code_needs_code_token(db: ScratchDatabase) -> None:
     async def scenario() -> None:
         async with open_store(db) as store:
@@ -659,7 +701,10 @@ def test_code_exchange_writes_grant(db: ScratchDatabase) -> None:
 
     issued, grant = run(scenario)
 
-    assert consumed == [stored]
+    [used] = consumed
+    assert used.family_id == issued.session.family_id
+    assert used.used_at is not None
+    assert dataclasses.replace(used, used_at=None, family_id=None) == stored
     assert grant == Grant(
         family_id=issued.session.family_id,  # type: ignore[arg-type]
         client_id="client-1",
@@ -667,7 +712,10 @@ def test_code_exchange_writes_grant(db: ScratchDatabase) -> None:
         user_id="user-1",
         upstream=tokens,
     )
-    assert count(db, "oauth_codes") == 0
+    # The used code stays until it expires, marked with its family.
+    [(used_at, family_id)] = query(db, "SELECT used_at, family_id FROM oauth_codes")
+    assert used_at is not None
+    assert family_id == issued.session.family_id
     [(first_session_at,)] = query(db, "SELECT first_session_at FROM oauth_clients")
     assert first_session_at is not None
 
@@ -751,7 +799,12 @@ def test_concurrent_code_exchange_single_winner(db: ScratchDatabase) -> None:
         assert len(rejected) == 3, outcomes
     assert count(db, "user_sessions") == len(codes)
     assert count(db, "oauth_grants") == len(codes)
-    assert count(db, "oauth_codes") == 0
+    marked = query(
+        db,
+        "SELECT count(*) FROM oauth_codes c JOIN user_sessions s "
+        "ON s.family_id = c.family_id WHERE c.used_at IS NOT NULL",
+    )
+    assert marked == [(len(codes),)]
 
 
 # Grants and upstream refresh
@@ -1045,6 +1098,25 @@ def test_cleanup_deletes_expired_states_and_codes(db: ScratchDatabase) -> None:
     assert query(db, "SELECT state_hash FROM oauth_pending_authorizations") == [
         ("new",)
     ]
+    assert query(db, "SELECT code_hash FROM oauth_codes") == [("new",)]
+
+
+def test_cleanup_deletes_used_codes_once_expired(db: ScratchDatabase) -> None:
+    insert_client(db, "client-1", used=True)
+    for offset, name in [("-1 minute", "old"), ("1 minute", "new")]:
+        query(
+            db,
+            "INSERT INTO oauth_codes (code_hash, client_id, redirect_uri, "
+            "redirect_uri_provided_explicitly, scopes, code_challenge, resource, "
+            "user_id, subscription_level, expires_at, used_at, family_id) "
+            "VALUES (%s, 'client-1', 'x', true, '{}', 'c', 'r', 'u', 'free', "
+            "now() + %s::interval, now(), %s)",
+            (name, offset, uuid.uuid4()),
+        )
+
+    deleted = cleanup(db)
+
+    assert deleted == 1
     assert query(db, "SELECT code_hash FROM oauth_codes") == [("new",)]
 
 

@@ -94,7 +94,10 @@ class Harness:
 
 @contextlib.asynccontextmanager
 async def harness(
-    db: ScratchDatabase, upstream: UpstreamServer, **settings: Any
+    db: ScratchDatabase,
+    upstream: UpstreamServer,
+    resource: str = RESOURCE,
+    **settings: Any,
 ) -> AsyncIterator[Harness]:
     target = resolve_target(db.url, db.settings)
     async with (
@@ -110,7 +113,7 @@ async def harness(
                 upstream=upstream_client,
                 documents=documents,
                 settings=ProviderSettings(
-                    issuer=ISSUER, resource=RESOURCE, scopes=SCOPES, **settings
+                    issuer=ISSUER, resource=resource, scopes=SCOPES, **settings
                 ),
             )
             yield Harness(provider, store, sessions, upstream)
@@ -138,11 +141,12 @@ def params(
     redirect_uri: str = "http://127.0.0.1:45678/callback",
     resource: str | None = RESOURCE,
     scopes: list[str] | None = None,
+    code_challenge: str = CHALLENGE,
 ) -> AuthorizationParams:
     return AuthorizationParams(
         state=state,
         scopes=scopes if scopes is not None else ["content:read"],
-        code_challenge=CHALLENGE,
+        code_challenge=code_challenge,
         redirect_uri=AnyUrl(redirect_uri),
         redirect_uri_provided_explicitly=True,
         resource=resource,
@@ -246,6 +250,34 @@ def test_registration_rate_limited(
     assert count(db, "oauth_clients") == 3
 
 
+def test_impossible_client_ids_unknown(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    client_ids = ["", "a\x00b", "https://app.example.com/\x00.json", "c" * 2049]
+
+    async def scenario() -> list[Any]:
+        async with harness(db, upstream) as h:
+            return [await h.provider.get_client(client_id) for client_id in client_ids]
+
+    assert run(scenario) == [None] * len(client_ids)
+
+
+def test_registration_rejects_nul_metadata(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    async def scenario() -> RegistrationError:
+        async with harness(db, upstream) as h:
+            with pytest.raises(RegistrationError) as info:
+                await register(h, client_name="evil\x00name")
+            return info.value
+
+    raised = run(scenario)
+
+    assert raised.error == "invalid_client_metadata"
+    assert "NUL" in (raised.error_description or "")
+    assert count(db, "oauth_clients") == 0
+
+
 def test_registration_rejects_http_redirect(
     db: ScratchDatabase, upstream: UpstreamServer
 ) -> None:
@@ -331,6 +363,30 @@ def test_metadata_document_client_from_cache(
             id="resource-mismatch",
         ),
         pytest.param({"scopes": ["admin"]}, "invalid_scope", "", id="unknown-scope"),
+        pytest.param(
+            {"state": "a\x00b"},
+            "invalid_request",
+            "state contains a NUL",
+            id="nul-state",
+        ),
+        pytest.param(
+            {"state": "s" * 2049},
+            "invalid_request",
+            "state is 2049 characters long",
+            id="long-state",
+        ),
+        pytest.param(
+            {"code_challenge": CHALLENGE[:-1] + "\x00"},
+            "invalid_request",
+            "code_challenge contains a NUL",
+            id="nul-challenge",
+        ),
+        pytest.param(
+            {"code_challenge": "c" * 129},
+            "invalid_request",
+            "129 characters long",
+            id="long-challenge",
+        ),
     ],
 )
 def test_authorize_rejected(
@@ -593,9 +649,10 @@ def test_code_single_use(db: ScratchDatabase, upstream: UpstreamServer) -> None:
             with pytest.raises(TokenError) as info:
                 await h.provider.exchange_authorization_code(client, loaded)
             after = await h.provider.load_authorization_code(client, loaded.code)
-            return tokens, (info.value, after)
+            valid = await h.provider.load_access_token(tokens.access_token)
+            return tokens, (info.value, after, valid)
 
-    tokens, (error, after) = run(scenario)
+    tokens, (error, after, valid) = run(scenario)
 
     assert tokens.access_token.startswith(TokenKind.ACCESS.prefix)
     assert tokens.refresh_token is not None
@@ -603,9 +660,41 @@ def test_code_single_use(db: ScratchDatabase, upstream: UpstreamServer) -> None:
     assert tokens.scope == "content:read"
     assert error.error == "invalid_grant"
     assert after is None
+    # The second use revoked the tokens of the first (RFC 6749 section 10.5).
+    assert valid is None
     assert count(db, "user_sessions") == 1
     assert count(db, "oauth_grants") == 1
-    assert count(db, "oauth_codes") == 0
+    # The used code stays, marked, until it expires and cleanup deletes it.
+    assert count(db, "oauth_codes") == 1
+
+
+def test_reused_code_revokes_family(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    async def scenario() -> dict[str, Any]:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            loaded = await signed_in_code(h, client)
+            tokens = await h.provider.exchange_authorization_code(client, loaded)
+            assert tokens.refresh_token is not None
+            reloaded = await h.provider.load_authorization_code(client, loaded.code)
+            return {
+                "reloaded": reloaded,
+                "access": await h.provider.load_access_token(tokens.access_token),
+                "refresh": await h.provider.load_refresh_token(
+                    client, tokens.refresh_token
+                ),
+            }
+
+    result = run(scenario)
+
+    assert result["reloaded"] is None
+    assert result["access"] is None
+    assert result["refresh"] is None
+    with db.connect() as conn:
+        rows = conn.execute("SELECT revoked_at FROM user_sessions").fetchall()
+    assert len(rows) == 1
+    assert rows[0][0] is not None
 
 
 def test_concurrent_code_exchange(
@@ -795,6 +884,50 @@ def test_refresh_rotation_and_replay(
     assert result["new_refresh"] is None
 
 
+def test_refresh_token_for_other_resource(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    # Two servers with different public URLs share one database.
+    other = "http://127.0.0.1:9/other/mcp"
+
+    async def scenario() -> dict[str, Any]:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            tokens = await signed_in_tokens(h, client)
+            here = await h.provider.load_refresh_token(client, tokens.refresh_token)
+        before = query_sessions(db)
+        async with harness(db, upstream, resource=other) as elsewhere:
+            loaded = await elsewhere.provider.load_refresh_token(
+                client, tokens.refresh_token
+            )
+            assert here is not None
+            with pytest.raises(TokenError) as info:
+                await elsewhere.provider.exchange_refresh_token(client, here, [])
+        async with harness(db, upstream, resource=RESOURCE + "/") as slashed:
+            same = await slashed.provider.load_refresh_token(
+                client, tokens.refresh_token
+            )
+        return {"loaded": loaded, "error": info.value, "same": same, "before": before}
+
+    result = run(scenario)
+
+    assert result["loaded"] is None
+    assert result["error"].error == "invalid_grant"
+    assert other in (result["error"].error_description or "")
+    assert result["same"] is not None
+    after = query_sessions(db)
+    assert after == result["before"]
+    assert len(after) == 1
+    assert after[0][1] is None  # not revoked
+
+
+def query_sessions(db: ScratchDatabase) -> list[tuple[Any, ...]]:
+    with db.connect() as conn:
+        return conn.execute(
+            "SELECT refresh_token_hash, revoked_at FROM user_sessions ORDER BY id"
+        ).fetchall()
+
+
 def test_refresh_keeps_scopes(db: ScratchDatabase, upstream: UpstreamServer) -> None:
     async def scenario() -> Any:
         async with harness(db, upstream) as h:
@@ -916,7 +1049,6 @@ def test_sign_in_over_http(db: ScratchDatabase, upstream: UpstreamServer) -> Non
                 "code_verifier": VERIFIER,
             }
             seen["token"] = await http.post("/token", data=form)
-            seen["again"] = await http.post("/token", data=form)
             tokens = seen["token"].json()
 
             refresh_form = {
@@ -941,6 +1073,8 @@ def test_sign_in_over_http(db: ScratchDatabase, upstream: UpstreamServer) -> Non
             seen["access"] = await h.provider.load_access_token(
                 seen["refresh"].json()["access_token"]
             )
+            # Last, because a second use of the code revokes its family.
+            seen["again"] = await http.post("/token", data=form)
         return seen
 
     seen = run(scenario)

@@ -16,6 +16,8 @@ observability, and adjusts the SDK's routes:
   address has registered too many clients in the last hour;
 - ``/token`` rejects bodies over the same limit with 413, and a ``resource``
   parameter (RFC 8707) naming another resource with 400 ``invalid_target``;
+- ``/authorize`` (its POST form) and ``/revoke`` reject bodies over the same
+  limit with 413;
 - ``/oauth/callback`` is where the upstream provider sends users back;
 - ``/health`` and ``/metrics``; in development mode, ``/dev/*`` is the
   built-in identity provider.
@@ -421,7 +423,11 @@ def _routes(
         _get_route(
             PROTECTED_RESOURCE_METADATA_PATH + config.mcp_path, resource_metadata.handle
         ),
-        by_path["/authorize"],
+        Route(
+            "/authorize",
+            endpoint=_BodyLimitedGuard(by_path["/authorize"].app, config, limit),
+            methods=sorted(by_path["/authorize"].methods or ["GET", "POST"]),
+        ),
         Route(
             TOKEN_PATH,
             endpoint=_cors(
@@ -558,7 +564,10 @@ async def _no_receive() -> Message:
 
 
 class _BodyLimitedGuard:
-    """Base of the /token and /register wrappers: read the body with a limit.
+    """Reads a POST body with a limit; the wrapper of /authorize, base of others.
+
+    /authorize uses it as it is, because the SDK's handler turns a form
+    field over Starlette's part size limit into ``server_error``.
 
     POST requests only; other methods (the CORS preflight) pass unchanged.
     Subclasses check the body in :meth:`handle` and pass the request on with

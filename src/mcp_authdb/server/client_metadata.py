@@ -54,6 +54,8 @@ MAX_DOCUMENT_BYTES = 64 * 1024
 MIN_CACHE_LIFETIME = timedelta(seconds=60)
 MAX_CACHE_LIFETIME = timedelta(hours=24)
 DEFAULT_CACHE_LIFETIME = timedelta(hours=1)
+MIN_AGE_S = int(MIN_CACHE_LIFETIME.total_seconds())
+MAX_AGE_S = int(MAX_CACHE_LIFETIME.total_seconds())
 # How long a URL whose document was rejected is rejected again without a
 # request, and how many such URLs are remembered.
 FAILURE_LIFETIME_S = 60.0
@@ -213,10 +215,13 @@ def cache_lifetime(cache_control: str | None) -> timedelta:
             return MIN_CACHE_LIFETIME
         if name == "max-age":
             try:
-                lifetime = timedelta(seconds=int(value.strip().strip('"')))
+                seconds = int(value.strip().strip('"'))
             except ValueError:
                 continue
-    return max(MIN_CACHE_LIFETIME, min(MAX_CACHE_LIFETIME, lifetime))
+            # Clamped before timedelta(), which raises OverflowError for
+            # values such as 99999999999999999999.
+            lifetime = timedelta(seconds=max(MIN_AGE_S, min(MAX_AGE_S, seconds)))
+    return lifetime
 
 
 def parse_document(url: str, body: bytes) -> dict[str, Any]:
@@ -228,7 +233,8 @@ def parse_document(url: str, body: bytes) -> dict[str, Any]:
     ``client_secret``, and a ``token_endpoint_auth_method`` of ``none`` or
     none at all, because a secret published in a document is no secret.
     ``grant_types``, when given, must include ``authorization_code`` and not
-    the JWT bearer grant; ``response_types`` must include ``code``. Raises
+    the JWT bearer grant; ``response_types`` must include ``code``. No string
+    may contain a NUL character, which PostgreSQL cannot store. Raises
     :class:`ClientMetadataError` naming the field and the rule.
     """
     try:
@@ -284,7 +290,30 @@ def parse_document(url: str, body: bytes) -> dict[str, Any]:
             f"the document at {url!r} has response_types {info.response_types!r}, "
             "which must include 'code'"
         )
-    return info.model_dump(mode="json", exclude_none=True)
+    metadata = info.model_dump(mode="json", exclude_none=True)
+    if contains_nul(metadata):
+        raise ClientMetadataError(
+            f"the document at {url!r} contains a NUL character (\\u0000), which "
+            "PostgreSQL cannot store; remove it"
+        )
+    return metadata
+
+
+def contains_nul(value: object) -> bool:
+    """Return whether a JSON value has a NUL character in any string or key.
+
+    PostgreSQL's ``text`` and ``jsonb`` reject NUL, so such a value cannot be
+    stored.
+    """
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(
+            contains_nul(key) or contains_nul(item) for key, item in value.items()
+        )
+    if isinstance(value, list | tuple):
+        return any(contains_nul(item) for item in value)
+    return False
 
 
 def _check_redirect_uris(url: str, value: object) -> None:
@@ -361,7 +390,10 @@ class ClientMetadataFetcher:
         means the client is rejected: the URL is invalid, the document could
         not be fetched or is invalid (the reason is logged as a warning, once
         a minute per URL at most), or a client registered under this id is
-        not a metadata document. Database errors propagate.
+        not a metadata document. An unexpected exception while fetching or
+        checking the document also rejects the client: it is logged as an
+        error with its traceback and remembered for a minute like any other
+        failure. Database errors propagate.
         """
         try:
             check_client_id_url(client_id)
@@ -394,6 +426,21 @@ class ClientMetadataFetcher:
                 client_id,
                 exc,
                 extra={"action": "oauth.client_metadata.rejected"},
+            )
+            return None
+        except Exception as exc:
+            # A bug or a library error on a hostile document must reject the
+            # client like any other failure, and be remembered, so that the
+            # document is not fetched again on every request.
+            self._remember_failure(client_id)
+            logger.error(
+                "rejected the client with a metadata document at %s because "
+                "fetching or checking it failed unexpectedly: %s: %s",
+                client_id,
+                type(exc).__name__,
+                exc,
+                exc_info=exc,
+                extra={"action": "oauth.client_metadata.failed"},
             )
             return None
 

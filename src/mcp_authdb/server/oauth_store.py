@@ -13,7 +13,8 @@ Every statement is written once, as an operation for
   upstream provider redirects back, keyed by the hash of the upstream
   ``state``.
 - ``oauth_codes``: authorization codes given to clients, keyed by hash,
-  single use.
+  single use. A used code stays, marked with the session family it created,
+  until it expires, so that a second use can revoke that family.
 - ``oauth_grants``: the OAuth facts of one user session family (client,
   resource, upstream tokens), keyed by ``user_sessions.family_id``.
 
@@ -56,6 +57,8 @@ CLIENT_KIND_METADATA_DOCUMENT = "metadata_document"
 REGISTRATION_WINDOW = timedelta(hours=1)
 # The length of oauth_clients.registered_from, enough for any IPv6 address.
 MAX_SOURCE_LENGTH = 64
+# The maximum length of oauth_clients.client_id, by its CHECK constraint.
+MAX_CLIENT_ID_LENGTH = 2048
 
 
 class GrantNotFoundError(AuthDBError):
@@ -129,6 +132,9 @@ class StoredCode:
 
     ``upstream`` contains the user's upstream tokens, which move to the grant
     when the code is exchanged. ``expires_at`` must be timezone-aware.
+    ``used_at`` and ``family_id`` are None until the code is exchanged, and
+    then tell when and for which session family. :meth:`OAuthStore.put_code`
+    ignores them.
     """
 
     client_id: str
@@ -141,6 +147,8 @@ class StoredCode:
     subscription_level: str
     upstream: UpstreamTokens | None
     expires_at: datetime
+    used_at: datetime | None = None
+    family_id: uuid.UUID | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,21 +239,26 @@ VALUES (%s, %s, %s, %s, %s::text[], %s, %s, %s, %s, %s, %s, %s, %s, %s)
 """
 
 _PEEK_CODE = f"""
-SELECT {_CODE_COLUMNS}
+SELECT {_CODE_COLUMNS}, used_at, family_id
 FROM oauth_codes
 WHERE code_hash = ANY(%s::text[])
 LIMIT 1
 """
 
-# One statement deletes the code, but only while unexpired, so a code is used
-# at most once. It writes the grant of the new session family from the code
-# and marks the client as having led to a session, so cleanup keeps it.
+# One statement marks the code used, but only while unused and unexpired, so
+# a code is used at most once: a concurrent UPDATE waits for the row lock and
+# then finds used_at set. It writes the grant of the new session family from
+# the code and marks the client as having led to a session, so cleanup keeps
+# it.
 _CONSUME_CODE = f"""
 WITH code AS (
-    DELETE FROM oauth_codes
+    UPDATE oauth_codes
+    SET used_at = now(),
+        family_id = %(family_id)s
     WHERE code_hash = ANY(%(candidates)s::text[])
+      AND used_at IS NULL
       AND expires_at > now()
-    RETURNING {_CODE_COLUMNS}
+    RETURNING {_CODE_COLUMNS}, used_at, family_id
 ),
 grant_row AS (
     INSERT INTO oauth_grants (
@@ -262,8 +275,17 @@ client AS (
     WHERE client_id IN (SELECT client_id FROM code)
       AND first_session_at IS NULL
 )
-SELECT {_CODE_COLUMNS}
+SELECT {_CODE_COLUMNS}, used_at, family_id
 FROM code
+"""
+
+# Any row of a family names the family to the session store's revocation.
+_FAMILY_SESSION = """
+SELECT id
+FROM user_sessions
+WHERE family_id = %s
+ORDER BY id
+LIMIT 1
 """
 
 _GRANT_COLUMNS = """
@@ -382,6 +404,12 @@ def peek_code_operation(
     return result.rows[0] if result.rows else None
 
 
+def family_session_operation(family_id: uuid.UUID) -> Operation[int | None]:
+    """Return the id of one ``user_sessions`` row of ``family_id``, or None."""
+    result = yield Query(_FAMILY_SESSION, (family_id,))
+    return int(result.rows[0][0]) if result.rows else None
+
+
 def select_grant_operation(family_id: uuid.UUID) -> Operation[tuple[Any, ...] | None]:
     """Return the ``oauth_grants`` row of ``family_id``, or None."""
     result = yield Query(_SELECT_GRANT, (family_id,))
@@ -473,7 +501,13 @@ class OAuthStore:
         return stored
 
     async def get_client(self, client_id: str) -> StoredClient | None:
-        """Return the client ``client_id``, registered or cached, or None."""
+        """Return the client ``client_id``, registered or cached, or None.
+
+        A ``client_id`` that no row can have (see :func:`is_storable_client_id`)
+        gives None without a database call.
+        """
+        if not is_storable_client_id(client_id):
+            return None
         row = await self.database.run(
             lambda: select_client_operation(client_id),
             transaction=False,
@@ -599,7 +633,9 @@ class OAuthStore:
         """Return the facts of ``code`` without using it up, or None.
 
         Expired codes are returned too, because the caller checks the expiry
-        and reports it. A malformed code gives None without a database call.
+        and reports it, and so are used ones until cleanup deletes them after
+        their expiry: their ``family_id`` is set. A malformed code gives None
+        without a database call.
         """
         candidates = self.hasher.candidates(code, TokenKind.CODE)
         if not candidates:
@@ -617,8 +653,9 @@ class OAuthStore:
     ) -> Operation[StoredCode | None]:
         """Return an operation that uses up ``code`` for the session family.
 
-        In one statement, the operation deletes the code's row if it has not
-        expired, inserts the grant of ``family_id`` from it, and sets the
+        In one statement, the operation marks the code's row used by
+        ``family_id`` (``used_at`` and ``family_id``) if it is unused and has
+        not expired, inserts the grant of ``family_id`` from it, and sets the
         client's ``first_session_at`` if unset. It returns the code's facts,
         or None when the code is unknown, expired or used already, in which
         case it changed nothing. Of concurrent operations with one code, at
@@ -650,6 +687,17 @@ class OAuthStore:
             return self._code_from_row(result.rows[0])
 
         return operation()
+
+    async def family_session_id(self, family_id: uuid.UUID) -> int | None:
+        """Return the id of a ``user_sessions`` row of ``family_id``, or None.
+
+        The session store revokes a whole family by the id of any of its rows.
+        """
+        return await self.database.run(
+            lambda: family_session_operation(family_id),
+            transaction=False,
+            idempotent=True,
+        )
 
     # Grants
 
@@ -763,7 +811,7 @@ class OAuthStore:
         """Delete OAuth state that is no longer needed; return the rows deleted.
 
         Runs ``cleanup_oauth_state``, which deletes expired pending
-        authorizations and codes, grants whose family has no session row
+        authorizations and codes (used or not), grants whose family has no session row
         left, registered clients older than ``unused_age`` that never led to
         a session, and metadata documents that expired more than
         ``unused_age`` ago. A client with a live session family, or with an
@@ -831,7 +879,7 @@ class OAuthStore:
     def _code_from_row(self, row: Sequence[Any]) -> StoredCode:
         (client_id, redirect_uri, explicit, scopes, code_challenge, resource,
          user_id, level, access, refresh, issued_at, upstream_expires_at,
-         expires_at) = row  # fmt: skip
+         expires_at, used_at, family_id) = row  # fmt: skip
         return StoredCode(
             client_id=client_id,
             redirect_uri=redirect_uri,
@@ -845,6 +893,8 @@ class OAuthStore:
                 user_id, access, refresh, issued_at, upstream_expires_at
             ),
             expires_at=expires_at,
+            used_at=used_at,
+            family_id=family_id,
         )
 
     def _grant_from_row(self, row: Sequence[Any]) -> Grant:
@@ -859,6 +909,16 @@ class OAuthStore:
                 user_id, access, refresh, issued_at, expires_at
             ),
         )
+
+
+def is_storable_client_id(client_id: str) -> bool:
+    """Return whether ``oauth_clients`` can hold ``client_id``.
+
+    It cannot hold an empty id, one over :data:`MAX_CLIENT_ID_LENGTH`
+    characters, or one with a NUL character, which PostgreSQL text rejects.
+    Such an id names no client.
+    """
+    return 1 <= len(client_id) <= MAX_CLIENT_ID_LENGTH and "\x00" not in client_id
 
 
 def client_secret_context(client_id: str) -> str:

@@ -55,12 +55,17 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 
 from mcp_authdb.db.pool import Operation, Query
 from mcp_authdb.errors import InvalidGrantError, InvalidValueError
-from mcp_authdb.server.client_metadata import ClientMetadataFetcher, is_client_id_url
+from mcp_authdb.server.client_metadata import (
+    ClientMetadataFetcher,
+    contains_nul,
+    is_client_id_url,
+)
 from mcp_authdb.server.oauth_store import (
     CLIENT_KIND_REGISTERED,
     OAuthStore,
     PendingAuthorization,
     StoredCode,
+    is_storable_client_id,
 )
 from mcp_authdb.server.redirects import match_redirect_uri, redirect_uri_problem
 from mcp_authdb.server.upstream import UpstreamClient, UpstreamError, new_pkce_pair
@@ -82,6 +87,9 @@ GRANT_CACHE_SIZE = 10_000
 REGISTRATION_RETRY_AFTER_S = 3600
 # The width of oauth_pending_authorizations.code_challenge and oauth_codes'.
 _MAX_CODE_CHALLENGE_LENGTH = 128
+# The maximum length of a client state that /authorize stores and returns.
+# RFC 6749 sets no limit, and a state of a few dozen characters is usual.
+MAX_CLIENT_STATE_LENGTH = 2048
 # An upstream error code is repeated to the client only if it looks like one.
 _ERROR_CODE = re.compile(r"[a-z_]{1,64}")
 
@@ -289,8 +297,12 @@ class AuthDBProvider(
         An https URL is a Client ID Metadata Document, fetched or read from
         the cache; any other id is a registered client. A document that
         names no scope, or none of :attr:`ProviderSettings.scopes`, gets
-        all of them; other scopes in it are dropped.
+        all of them; other scopes in it are dropped. An id that no client
+        can have (empty, over 2048 characters, or with a NUL character) is
+        unknown, without a database call or a fetch.
         """
+        if not is_storable_client_id(client_id):
+            return None
         if is_client_id_url(client_id):
             metadata = await self.documents.get(client_id)
             if metadata is None:
@@ -337,7 +349,9 @@ class AuthDBProvider(
 
         Raises ``RegistrationError`` (``invalid_redirect_uri``) for a
         redirect URI that :func:`~mcp_authdb.server.redirects.redirect_uri_problem`
-        rejects, and :class:`RegistrationRateLimited` when the source in
+        rejects, ``RegistrationError`` (``invalid_client_metadata``) for
+        metadata with a NUL character, which PostgreSQL cannot store, and
+        :class:`RegistrationRateLimited` when the source in
         :data:`registration_source` registered
         :attr:`ProviderSettings.registration_limit_per_hour` clients within
         the last hour. Without a source (a caller other than the
@@ -353,6 +367,11 @@ class AuthDBProvider(
         metadata = client_info.model_dump(
             mode="json", exclude_none=True, exclude={"client_secret"}
         )
+        if contains_nul(metadata):
+            raise RegistrationError(
+                "invalid_client_metadata",
+                "the client metadata contains a NUL character (\\u0000); remove it",
+            )
         stored = await self.store.register_client(
             client_info.client_id,
             metadata,
@@ -380,18 +399,15 @@ class AuthDBProvider(
         ``params.resource`` must name :attr:`ProviderSettings.resource`
         (ignoring one trailing slash); a request without one gets it.
         Scopes default to the client's registered scopes. Raises
-        ``AuthorizeError``: ``invalid_target`` for another resource,
-        ``invalid_scope`` for a scope this server does not know, and
-        ``invalid_request`` for a code challenge longer than 128 characters.
+        ``AuthorizeError`` and stores nothing for a request it rejects:
+        ``invalid_target`` for another resource, and ``invalid_scope`` for a
+        scope this server does not know. ``invalid_request`` is for a code
+        challenge over 128 characters, a ``state`` over 2048 characters, and
+        a code challenge or ``state`` with a NUL character.
         """
         resource = self._check_resource(params.resource)
         scopes = self._requested_scopes(client, params.scopes)
-        if len(params.code_challenge) > _MAX_CODE_CHALLENGE_LENGTH:
-            raise AuthorizeError(
-                "invalid_request",
-                f"code_challenge is {len(params.code_challenge)} characters long; "
-                "an S256 challenge is 43",
-            )
+        _check_authorize_text(params)
 
         state = new_token(TokenKind.STATE)
         verifier, challenge = new_pkce_pair()
@@ -419,7 +435,7 @@ class AuthDBProvider(
         expected = self.settings.resource
         if resource is None:
             return expected
-        if resource.removesuffix("/") != expected.removesuffix("/"):
+        if not _same_resource(resource, expected):
             raise AuthorizeError(
                 "invalid_target",
                 f"resource {resource!r} is not served here; request {expected!r}",
@@ -570,9 +586,15 @@ class AuthDBProvider(
 
         None also when the code belongs to another client. Expired codes
         are returned, because the SDK's token handler reports the expiry.
+        A code that was used already gives None, so the SDK returns
+        ``invalid_grant``, and revokes the session family that its first
+        use created (RFC 6749 sections 4.1.2 and 10.5).
         """
         stored = await self.store.peek_code(authorization_code)
         if stored is None or stored.client_id != client.client_id:
+            return None
+        if stored.family_id is not None:
+            await self._revoke_code_family(client, stored.family_id)
             return None
         return AuthDBAuthorizationCode(
             code=authorization_code,
@@ -595,13 +617,16 @@ class AuthDBProvider(
     ) -> OAuthToken:
         """Use the code up: create the user session and its grant; return tokens.
 
-        The session, the grant and the code's deletion commit in one
-        transaction. Raises ``TokenError("invalid_grant")``, changing
-        nothing, when the code was used or expired since it was loaded, and
-        ``TokenError("invalid_target")`` when it was issued for another
-        resource.
+        The session, the grant and marking the code used commit in one
+        transaction. Raises ``TokenError("invalid_grant")`` when the code
+        expired since it was loaded, changing nothing, and when it was used
+        since it was loaded, after revoking the session family of that use.
+        Raises ``TokenError("invalid_target")`` when the code was issued for
+        another resource.
         """
-        if authorization_code.resource != self.settings.resource:
+        if not _same_resource(
+            authorization_code.resource or "", self.settings.resource
+        ):
             raise TokenError(
                 "invalid_target",
                 f"the authorization code was issued for the resource "
@@ -628,12 +653,16 @@ class AuthDBProvider(
                 then=consume,
             )
         except _CodeAlreadyUsed:
-            logger.warning(
-                "client %s presented an authorization code that was used or "
-                "expired meanwhile",
-                client.client_id,
-                extra={"action": "oauth.token.code_reused"},
-            )
+            used = await self.store.peek_code(code)
+            if used is not None and used.family_id is not None:
+                await self._revoke_code_family(client, used.family_id)
+            else:
+                logger.info(
+                    "client %s presented an authorization code that expired "
+                    "after it was loaded",
+                    client.client_id,
+                    extra={"action": "oauth.token.code_expired"},
+                )
             raise TokenError(
                 "invalid_grant", "the authorization code was already used or expired"
             ) from None
@@ -648,6 +677,23 @@ class AuthDBProvider(
             extra={"action": "oauth.token.code", "client_id": client.client_id},
         )
         return self._token_response(issued.access_token, issued.refresh_token, session)
+
+    async def _revoke_code_family(
+        self, client: OAuthClientInformationFull, family_id: uuid.UUID
+    ) -> None:
+        """Revoke the session family created by a code that was used again."""
+        session_id = await self.store.family_session_id(family_id)
+        revoked = 0
+        if session_id is not None:
+            revoked = await self.sessions.revoke_session(session_id)
+        logger.warning(
+            "client %s used an authorization code again, so family %s that its "
+            "first use created is revoked: %d sessions revoked",
+            client.client_id,
+            family_id,
+            revoked,
+            extra={"action": "oauth.token.code_reused", "client_id": client.client_id},
+        )
 
     def _token_response(
         self, access_token: str, refresh_token: str, session: Session
@@ -668,9 +714,11 @@ class AuthDBProvider(
         """Return the refresh token's session facts, or None.
 
         None for a malformed or unknown token, a revoked one, one of a
-        session without a grant, and one issued to another client. A token
-        rotated within the replay window is returned, so that exchanging it
-        again revokes its family.
+        session without a grant, one issued to another client, and one
+        issued for another resource (a server with another public URL that
+        shares the database). The SDK returns ``invalid_grant`` for all
+        of them. A token rotated within the replay window is returned, so that
+        exchanging it again revokes its family.
         """
         candidates = self.sessions.hasher.candidates(refresh_token, TokenKind.REFRESH)
         if not candidates:
@@ -689,6 +737,17 @@ class AuthDBProvider(
                 client_id,
                 family_id,
                 extra={"action": "oauth.token.wrong_client"},
+            )
+            return None
+        if not _same_resource(resource, self.settings.resource):
+            logger.warning(
+                "client %s presented a refresh token of family %s, which was "
+                "issued for the resource %s, not this server's %s",
+                client.client_id,
+                family_id,
+                resource,
+                self.settings.resource,
+                extra={"action": "oauth.token.wrong_resource"},
             )
             return None
         return AuthDBRefreshToken(
@@ -715,8 +774,16 @@ class AuthDBProvider(
         session's scopes even when ``scopes`` requests fewer. The response's
         ``scope`` lists the granted ones. Raises
         ``TokenError("invalid_grant")`` for an expired, revoked or replayed
-        token; a replay has revoked the whole family by then.
+        token, where a replay has revoked the whole family by then, and,
+        changing nothing, for a token issued for another resource.
         """
+        resource = refresh_token.resource or ""
+        if not _same_resource(resource, self.settings.resource):
+            raise TokenError(
+                "invalid_grant",
+                f"the refresh token was issued for the resource {resource!r}, "
+                f"not {self.settings.resource!r}; sign in at that server",
+            )
         try:
             issued = await self.sessions.refresh(
                 refresh_token.token,
@@ -780,6 +847,42 @@ class AuthDBProvider(
             revoked,
             extra={"action": "oauth.revoke", "client_id": token.client_id},
         )
+
+
+def _check_authorize_text(params: AuthorizationParams) -> None:
+    """Raise ``AuthorizeError`` for a challenge or state that cannot be stored."""
+    challenge = params.code_challenge
+    if len(challenge) > _MAX_CODE_CHALLENGE_LENGTH:
+        raise AuthorizeError(
+            "invalid_request",
+            f"code_challenge is {len(challenge)} characters long; "
+            "an S256 challenge is 43",
+        )
+    if "\x00" in challenge:
+        raise AuthorizeError(
+            "invalid_request",
+            "code_challenge contains a NUL character; send the base64url "
+            "S256 challenge",
+        )
+    state = params.state
+    if state is None:
+        return
+    if len(state) > MAX_CLIENT_STATE_LENGTH:
+        raise AuthorizeError(
+            "invalid_request",
+            f"state is {len(state)} characters long; send at most "
+            f"{MAX_CLIENT_STATE_LENGTH}",
+        )
+    if "\x00" in state:
+        raise AuthorizeError(
+            "invalid_request",
+            "state contains a NUL character; send printable characters only",
+        )
+
+
+def _same_resource(first: str, second: str) -> bool:
+    """Return whether two resource URLs are equal, ignoring one trailing slash."""
+    return first.removesuffix("/") == second.removesuffix("/")
 
 
 def _callback_error_page(request: Request, error: str, message: str) -> Response:

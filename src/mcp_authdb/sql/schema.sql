@@ -292,7 +292,9 @@ CREATE TABLE IF NOT EXISTS oauth_codes (
     upstream_issued_at timestamp with time zone,
     upstream_expires_at timestamp with time zone,
     expires_at timestamp with time zone NOT NULL,
-    created_at timestamp with time zone NOT NULL DEFAULT now()
+    created_at timestamp with time zone NOT NULL DEFAULT now(),
+    used_at timestamp with time zone,
+    family_id uuid
 );
 
 CREATE INDEX IF NOT EXISTS idx_oauth_codes_expires

@@ -11,13 +11,16 @@
 -- oauth_pending_authorizations holds an authorization request until the
 -- upstream provider redirects back, keyed by the keyed hash of the upstream
 -- state. oauth_codes holds the authorization codes given to clients, keyed by
--- their keyed hash and used once. oauth_grants holds, for each user session
--- family (user_sessions.family_id), its client, resource and upstream tokens.
+-- their keyed hash and used once: the exchange sets used_at and the family_id
+-- of the session it created, and the row stays until it expires, so that a
+-- second use of the code can revoke that family. oauth_grants holds, for each
+-- user session family (user_sessions.family_id), its client, resource and
+-- upstream tokens.
 -- Every *_encrypted column is AES-256-GCM output of the application, whose
 -- key the database never sees.
 --
 -- cleanup_oauth_state(unused_age) deletes expired pending authorizations and
--- codes, grants whose family has no user_sessions row left, registered
+-- codes (used or not), grants whose family has no user_sessions row left, registered
 -- clients older than unused_age that never led to a session, and metadata
 -- documents that expired more than unused_age ago. It keeps every client with
 -- a live session (not revoked, greatest(expires_at, refresh_expires_at) after
@@ -79,7 +82,9 @@ CREATE TABLE IF NOT EXISTS oauth_codes (
     upstream_issued_at timestamp with time zone,
     upstream_expires_at timestamp with time zone,
     expires_at timestamp with time zone NOT NULL,
-    created_at timestamp with time zone NOT NULL DEFAULT now()
+    created_at timestamp with time zone NOT NULL DEFAULT now(),
+    used_at timestamp with time zone,
+    family_id uuid
 );
 
 CREATE INDEX IF NOT EXISTS idx_oauth_codes_expires
