@@ -364,3 +364,17 @@ def test_uncreatable_key_file_reported(tmp_path: Path) -> None:
 
     assert "is not a folder" in str(raised.value)
     assert ENCRYPTION_KEY_VARIABLE in str(raised.value)
+
+
+def test_derived_keys_are_stable_and_separate() -> None:
+    first = Encryptor(b"a" * 32)
+    same = Encryptor(b"a" * 32)
+    other = Encryptor(b"b" * 32)
+
+    key = first.derive_key("development identity provider")
+
+    assert len(key) == 32
+    assert key == same.derive_key("development identity provider")
+    assert key != first.derive_key("another purpose")
+    assert key != other.derive_key("development identity provider")
+    assert key != b"a" * 32

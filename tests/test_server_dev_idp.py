@@ -54,12 +54,14 @@ class DevServer:
 
 
 @contextlib.contextmanager
-def start(access_lifetime_s: int = 3600) -> Iterator[DevServer]:
+def start(
+    access_lifetime_s: int = 3600, signing_key: bytes | None = None
+) -> Iterator[DevServer]:
     """Serve a new provider whose public URL is its own server's /mcp."""
     sock = loopback_socket()
     base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     provider = DevIdentityProvider(
-        base_url + "/mcp", access_lifetime_s=access_lifetime_s
+        base_url + "/mcp", access_lifetime_s=access_lifetime_s, signing_key=signing_key
     )
     with serve_in_thread(Starlette(routes=provider.routes()), sock):
         yield DevServer(base_url, base_url + "/oauth/callback")
@@ -259,6 +261,22 @@ def test_userinfo_returns_chosen_level(dev: DevServer, level: str) -> None:
     assert identity.user_id == "alice"
     assert identity.subscription_level == level
     assert "content:search" in identity.scopes
+
+
+@pytest.mark.parametrize(("same_key", "accepted"), [(True, True), (False, False)])
+def test_tokens_outlive_restart_with_same_key(same_key: bool, accepted: bool) -> None:
+    key = b"k" * 32
+    with start(signing_key=key) as first:
+        tokens = run(first, lambda client: sign_in(first, client, "alice", "plus"))
+
+    # A new provider, as after a restart of serve --dev.
+    with start(signing_key=key if same_key else None) as restarted:
+        if accepted:
+            identity = run(restarted, lambda c: c.userinfo(tokens.access_token))
+            assert identity.user_id == "alice"
+        else:
+            with pytest.raises(UpstreamError):
+                run(restarted, lambda c: c.userinfo(tokens.access_token))
 
 
 def test_token_exchange_checks_pkce(dev: DevServer) -> None:

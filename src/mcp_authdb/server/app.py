@@ -183,7 +183,9 @@ def build_app(
         ),
         host=config.host,
     )
-    app.router.routes[:] = _routes(config, app.router.routes, runtime, metrics, authdb)
+    app.router.routes[:] = _routes(
+        config, app.router.routes, runtime, metrics, authdb, encryptor
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -385,6 +387,7 @@ def _routes(
     runtime: _Runtime,
     metrics: Metrics,
     authdb: AsyncAuthDB,
+    encryptor: Encryptor,
 ) -> list[BaseRoute]:
     """Return the app's routes: the SDK's, some replaced, and this server's."""
     by_path = {route.path: route for route in sdk_routes if isinstance(route, Route)}
@@ -464,8 +467,12 @@ def _routes(
         Route("/metrics", endpoint=metrics_endpoint(metrics, authdb), methods=["GET"]),
     ]
     if config.dev:
+        # A key derived from the encryption key keeps the provider's tokens,
+        # stored encrypted as upstream tokens, valid across restarts.
         routes += dev_idp_routes(
-            config.resource, redirect_uri=config.upstream.redirect_uri
+            config.resource,
+            redirect_uri=config.upstream.redirect_uri,
+            signing_key=encryptor.derive_key("development identity provider"),
         )
     return routes
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hmac
 import re
 import secrets
 from collections.abc import Mapping
@@ -71,7 +72,7 @@ class Encryptor:
     bytes.
     """
 
-    __slots__ = ("_aead",)
+    __slots__ = ("_aead", "_derivation_key")
 
     def __init__(self, key: bytes) -> None:
         if not isinstance(key, bytes) or len(key) != KEY_BYTES:
@@ -81,9 +82,21 @@ class Encryptor:
                 f"pass {KEY_BYTES} random bytes, such as secrets.token_bytes(32)"
             )
         self._aead = AESGCM(key)
+        # Derived keys come from a key of their own, so no HMAC output is
+        # ever made with the cipher's key itself.
+        self._derivation_key = hmac.digest(key, b"mcp-authdb key derivation", "sha256")
 
     def __repr__(self) -> str:
         return "Encryptor(AES-256-GCM)"
+
+    def derive_key(self, purpose: str) -> bytes:
+        """Return a 32-byte key for ``purpose``, the same for the same key.
+
+        Parts of the server that need a stable secret of their own, such as
+        the development identity provider's signing key, derive it here, so
+        that it survives restarts without a file of its own.
+        """
+        return hmac.digest(self._derivation_key, purpose.encode(), "sha256")
 
     @classmethod
     def from_env(

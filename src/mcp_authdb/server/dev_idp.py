@@ -15,10 +15,12 @@ Drupal Simple OAuth below ``/dev``:
 - ``POST /dev/jsonrpc``: JSON-RPC 2.0 with ``content.search``, which returns
   a few made-up articles and rejects the ``free`` level.
 
-Codes and tokens are HMAC-signed JSON with a key made at random when the
-routes are built, so they stop working when the process restarts. The
-process remembers used codes and rotated refresh tokens until they expire,
-so each works once. The provider accepts any client id, as a public client.
+Codes and tokens are HMAC-signed JSON. The server passes a signing key
+derived from its encryption key, so tokens outlive a restart; without one,
+a key is made at random and they stop working when the process restarts.
+The process remembers used codes and rotated refresh tokens until they
+expire, so each works once within it. The provider accepts any client id,
+as a public client.
 """
 
 from __future__ import annotations
@@ -83,8 +85,9 @@ class DevIdentityProvider:
 
     ``public_url`` is the MCP server's public URL. The only redirect URI
     accepted is ``redirect_uri``, by default ``{origin}/oauth/callback`` of
-    the public URL. Raises :class:`ConfigurationError` unless the public URL
-    is on a loopback host.
+    the public URL. ``signing_key`` signs codes and tokens (default: random
+    bytes made now). Raises :class:`ConfigurationError` unless the public
+    URL is on a loopback host.
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class DevIdentityProvider:
         *,
         redirect_uri: str | None = None,
         access_lifetime_s: int = ACCESS_LIFETIME_S,
+        signing_key: bytes | None = None,
     ) -> None:
         parts = urlsplit(public_url)
         if parts.scheme not in _DEFAULT_PORTS or not is_loopback_host(
@@ -107,7 +111,7 @@ class DevIdentityProvider:
         origin = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
         self.redirect_uri = redirect_uri or origin + CALLBACK_PATH
         self.access_lifetime_s = access_lifetime_s
-        self._key = secrets.token_bytes(32)
+        self._key = signing_key or secrets.token_bytes(32)
         # Token ids that were used (codes) or rotated (refresh tokens), with
         # the time they expire anyway, after which they are forgotten.
         self._spent: dict[str, float] = {}
@@ -371,13 +375,20 @@ class DevIdentityProvider:
         return hmac.new(self._key, body.encode(), hashlib.sha256).digest()
 
 
-def dev_idp_routes(public_url: str, *, redirect_uri: str | None = None) -> list[Route]:
+def dev_idp_routes(
+    public_url: str,
+    *,
+    redirect_uri: str | None = None,
+    signing_key: bytes | None = None,
+) -> list[Route]:
     """Return the routes of a new development identity provider.
 
     See :class:`DevIdentityProvider` for the arguments. Mount them only in
     development mode.
     """
-    return DevIdentityProvider(public_url, redirect_uri=redirect_uri).routes()
+    return DevIdentityProvider(
+        public_url, redirect_uri=redirect_uri, signing_key=signing_key
+    ).routes()
 
 
 def _login_page(params: dict[str, str]) -> str:
