@@ -921,6 +921,31 @@ def test_refresh_token_for_other_resource(
     assert after[0][1] is None  # not revoked
 
 
+def test_access_token_for_other_resource(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    # Two servers with different public URLs share one database.
+    other = "http://127.0.0.1:9/other/mcp"
+
+    async def scenario() -> dict[str, Any]:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            tokens = await signed_in_tokens(h, client)
+            here = await h.provider.load_access_token(tokens.access_token)
+        async with harness(db, upstream, resource=other) as elsewhere:
+            there = await elsewhere.provider.load_access_token(tokens.access_token)
+        async with harness(db, upstream, resource=RESOURCE + "/") as slashed:
+            same = await slashed.provider.load_access_token(tokens.access_token)
+        return {"here": here, "there": there, "same": same}
+
+    result = run(scenario)
+
+    assert result["here"] is not None
+    assert result["here"].resource == RESOURCE
+    assert result["there"] is None
+    assert result["same"] is not None
+
+
 def query_sessions(db: ScratchDatabase) -> list[tuple[Any, ...]]:
     with db.connect() as conn:
         return conn.execute(

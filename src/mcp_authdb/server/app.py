@@ -367,7 +367,10 @@ def _auth_settings(config: ServerConfig) -> AuthSettings:
         {
             "issuer_url": config.issuer,
             "resource_server_url": config.resource,
-            "validate_token_resource": True,
+            # The provider's load_access_token accepts only tokens of this
+            # resource, comparing strings; the SDK's own check would parse
+            # the URL again on every request.
+            "validate_token_resource": False,
             "client_registration_options": _registration_options(config),
             "revocation_options": RevocationOptions(enabled=True),
         }

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
-import json
 import logging
 import re
 import threading
@@ -27,6 +26,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
+import pydantic_core
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.context import (
     CallNext,
@@ -316,14 +316,11 @@ def _result_status(result: HandlerResult) -> str:
 def _response_size(result: HandlerResult) -> int | None:
     if result is None:
         return None
+    # pydantic's serializer writes UTF-8 bytes directly, several times faster
+    # than json.dumps on the dicts the SDK returns, and it runs per request.
     try:
-        if isinstance(result, Mapping):
-            text = json.dumps(result, separators=(",", ":"), ensure_ascii=False)
-            return len(text.encode("utf-8"))
-        # Serialized straight to UTF-8 bytes, without a str in between.
-        serializer = type(result).__pydantic_serializer__
-        return len(serializer.to_json(result, by_alias=True, exclude_none=True))
-    except (TypeError, ValueError, AttributeError):
+        return len(pydantic_core.to_json(result, by_alias=True, exclude_none=True))
+    except (TypeError, ValueError):
         return None
 
 

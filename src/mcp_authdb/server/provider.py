@@ -801,15 +801,27 @@ class AuthDBProvider(
     async def load_access_token(self, token: str) -> AuthDBAccessToken | None:
         """Return the facts of a valid access token, or None.
 
-        Valid means the session store validates it and its family has a
-        grant. The grant's client and resource are cached per family, since
-        they never change.
+        Valid means the session store validates it, its family has a grant,
+        and the grant is for :attr:`ProviderSettings.resource` (RFC 8707): a
+        token issued by a server with another public URL over the same
+        database is not valid here. The grant's client and resource are
+        cached per family, since they never change.
         """
         session = await self.sessions.validate(token)
         if session is None or session.family_id is None:
             return None
         facts = await self._grant_facts(session.family_id)
         if facts is None:
+            return None
+        if not _same_resource(facts.resource, self.settings.resource):
+            logger.warning(
+                "rejected an access token of session family %s: it was issued "
+                "for the resource %s, not %s",
+                session.family_id,
+                facts.resource,
+                self.settings.resource,
+                extra={"action": "provider.access_token_other_resource"},
+            )
             return None
         return AuthDBAccessToken(
             token=token,
