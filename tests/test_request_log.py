@@ -44,6 +44,7 @@ from mcp_authdb.store.request_log_sanitize import (
     STATUS_MAX_LENGTH,
     USER_ID_MAX_LENGTH,
 )
+from mcp_authdb.store.tokens import TokenKind
 
 from conftest import ScratchDatabase
 
@@ -363,6 +364,8 @@ class Level(enum.IntEnum):
 
 
 TOKEN = "mcpat_" + "A" * 43
+CODE_TOKEN = TokenKind.CODE.prefix + "C" * 43
+STATE_TOKEN = TokenKind.STATE.prefix + "S" * 43
 TEN_MB = 10 * 1024 * 1024
 AWARE = dt.datetime(2026, 5, 6, 7, 8, 9, tzinfo=dt.timezone(dt.timedelta(hours=2)))
 NAIVE = dt.datetime(2026, 5, 6, 7, 8, 9)
@@ -628,6 +631,19 @@ CASES = [
         "library token in a value",
         {"parameters": {"note": f"use {TOKEN} here"}, "status": TOKEN},
         {"parameters": {"note": f"use {REDACTED} here"}, "status": REDACTED},
+    ),
+    Case(
+        "code and state tokens in text",
+        {
+            "parameters": {"note": f"code {CODE_TOKEN} state {STATE_TOKEN}"},
+            "status": CODE_TOKEN,
+            "method": STATE_TOKEN,
+        },
+        {
+            "parameters": {"note": f"code {REDACTED} state {REDACTED}"},
+            "status": REDACTED,
+            "method": REDACTED,
+        },
     ),
     Case(
         "NUL characters",

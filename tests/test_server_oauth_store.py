@@ -27,6 +27,7 @@ from mcp_authdb.server.oauth_store import (
     GrantNotFoundError,
     OAuthStore,
     PendingAuthorization,
+    RefreshTimeoutError,
     StoredCode,
     UpstreamTokens,
 )
@@ -986,6 +987,111 @@ def test_concurrent_refresh_calls_upstream_once(db: ScratchDatabase) -> None:
 
     assert len(calls) == 1
     assert {result.access_token for result in results} == {"access-2"}
+
+
+def test_refresh_waiters_hold_no_connections(db: ScratchDatabase) -> None:
+    family_id = insert_grant(db, upstream_tokens(age=3500, lifetime=3600))
+    other_family = insert_grant(db, upstream_tokens(access="other"), user_id="user-2")
+    small_pool = dataclasses.replace(db.settings, pool_size=2)
+    target = resolve_target(db.url, small_pool)
+    calls: list[UpstreamTokens] = []
+    release = asyncio.Event()
+
+    async def refresh(current: UpstreamTokens) -> UpstreamTokens:
+        calls.append(current)
+        await release.wait()
+        return upstream_tokens(access="access-2")
+
+    async def scenario() -> tuple[Grant | None, list[UpstreamTokens]]:
+        async with AsyncDatabase(target, small_pool) as database:
+            store = OAuthStore(database, ENCRYPTOR, HASHER)
+            refreshes = [
+                asyncio.create_task(store.refresh_upstream(family_id, refresh, 0.9))
+                for _ in range(6)
+            ]
+            while not calls:
+                await asyncio.sleep(0.01)
+            # Let the other callers find the refresh in progress.
+            await asyncio.sleep(0.3)
+            try:
+                # The refresher holds one of the two connections and the
+                # waiters hold none, so another family's read gets the other.
+                other = await asyncio.wait_for(store.get_grant(other_family), 2)
+            finally:
+                release.set()
+            return other, list(await asyncio.gather(*refreshes))
+
+    other, results = run(scenario)
+
+    assert other is not None
+    assert other.upstream is not None
+    assert other.upstream.access_token == "other"
+    assert len(calls) == 1
+    assert {result.access_token for result in results} == {"access-2"}
+
+
+def test_refresh_wait_is_bounded(db: ScratchDatabase) -> None:
+    family_id = insert_grant(db, upstream_tokens(age=3500, lifetime=3600))
+    release = asyncio.Event()
+
+    async def refresh(current: UpstreamTokens) -> UpstreamTokens:
+        await release.wait()
+        return upstream_tokens(access="access-2")
+
+    async def scenario() -> UpstreamTokens:
+        async with open_store(db) as first, open_store(db) as second:
+            impatient = OAuthStore(
+                second.database, ENCRYPTOR, HASHER, refresh_wait_s=0.3
+            )
+            refresher = asyncio.create_task(
+                first.refresh_upstream(family_id, refresh, 0.9)
+            )
+            await asyncio.sleep(0.2)
+            try:
+                with pytest.raises(RefreshTimeoutError) as raised:
+                    await impatient.refresh_upstream(family_id, refresh, 0.9)
+                assert raised.value.family_id == family_id
+            finally:
+                release.set()
+            return await refresher
+
+    assert run(scenario).access_token == "access-2"
+
+
+def test_refresh_wait_must_be_positive(db: ScratchDatabase) -> None:
+    async def scenario() -> None:
+        async with open_store(db) as store:
+            OAuthStore(store.database, ENCRYPTOR, HASHER, refresh_wait_s=0)
+
+    with pytest.raises(InvalidValueError, match="refresh_wait_s=0"):
+        run(scenario)
+
+
+def test_refreshed_tokens_kept_when_connection_lost(db: ScratchDatabase) -> None:
+    family_id = insert_grant(db, upstream_tokens(age=3500, lifetime=3600))
+    fresh = upstream_tokens(access="access-2", refresh="refresh-2")
+
+    async def refresh(current: UpstreamTokens) -> UpstreamTokens:
+        # The refresher's backend holds the family's advisory lock; ending
+        # it loses the transaction in which the new tokens were to be stored.
+        terminated = query(
+            db,
+            "SELECT pg_terminate_backend(pid) FROM pg_locks "
+            "WHERE locktype = 'advisory' AND granted",
+        )
+        assert terminated == [(True,)]
+        return fresh
+
+    async def scenario() -> tuple[UpstreamTokens, Grant | None]:
+        async with open_store(db) as store:
+            returned = await store.refresh_upstream(family_id, refresh, 0.9)
+            return returned, await store.get_grant(family_id)
+
+    returned, grant = run(scenario)
+
+    assert returned == fresh
+    assert grant is not None
+    assert grant.upstream == fresh
 
 
 def test_refresh_without_grant_raises(db: ScratchDatabase) -> None:

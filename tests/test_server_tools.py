@@ -23,7 +23,7 @@ from mcp_types import CallToolResult
 
 from mcp_authdb.errors import InvalidValueError
 from mcp_authdb.server.crypto import Encryptor
-from mcp_authdb.server.oauth_store import OAuthStore, StoredCode
+from mcp_authdb.server.oauth_store import OAuthStore, StoredCode, UpstreamTokens
 from mcp_authdb.server.observability import Metrics, request_logging_middleware
 from mcp_authdb.server.provider import AuthDBAccessToken
 from mcp_authdb.server.tools import USAGE_SQL, ToolSettings, register_tools
@@ -508,6 +508,64 @@ def test_content_search_revoked_upstream_token(db: ScratchDatabase) -> None:
     assert "rejected this session's sign-in (HTTP 401); sign in again" in (
         text_of(result)
     )
+
+
+def test_content_search_retries_after_rotation(db: ScratchDatabase) -> None:
+    async def scenario(harness: Harness) -> tuple[CallToolResult, int, int]:
+        token = await harness.sign_in("alice")
+        family_id = await family_of(harness, token)
+        # The search reads the stored tokens, and the upstream delays its
+        # response while another request refreshes the tokens, which revokes
+        # the access token that the search sent.
+        harness.upstream.inject("jsonrpc", Injection(delay_s=1.0))
+        search = asyncio.create_task(
+            harness.call(token, "content_search", {"query": "oauth"})
+        )
+        while harness.upstream.calls["jsonrpc"] == 0:
+            await asyncio.sleep(0.01)
+        await harness.store.refresh_upstream(
+            family_id, harness.upstream_client.refresh, 1e-9
+        )
+        result = await search
+        calls = harness.upstream.calls
+        return result, calls["refresh"], calls["jsonrpc"]
+
+    result, refreshes, searches = run_with_server(db, scenario)
+
+    assert not result.is_error, text_of(result)
+    assert refreshes == 1
+    assert searches == 2
+
+
+def test_content_search_refresh_wait_bounded(db: ScratchDatabase) -> None:
+    async def scenario(harness: Harness) -> CallToolResult:
+        token = await harness.sign_in("alice")
+        family_id = await family_of(harness, token)
+        harness.store.refresh_wait_s = 0.3
+        release = asyncio.Event()
+        started = asyncio.Event()
+
+        async def slow_refresh(current: UpstreamTokens) -> UpstreamTokens:
+            started.set()
+            await release.wait()
+            return await harness.upstream_client.refresh(current)
+
+        # Half of the 2 s lifetime passes, with the threshold at 0.5.
+        await asyncio.sleep(1.2)
+        refresher = asyncio.create_task(
+            harness.store.refresh_upstream(family_id, slow_refresh, 0.5)
+        )
+        await started.wait()
+        try:
+            return await harness.call(token, "content_search", {"query": "oauth"})
+        finally:
+            release.set()
+            await refresher
+
+    result = run_with_server(db, scenario, access_lifetime=2)
+
+    assert result.is_error
+    assert "still refreshing its upstream sign-in; try again" in text_of(result)
 
 
 def test_content_search_errors_hide_tokens(

@@ -21,6 +21,7 @@ from mcp_authdb.errors import ConfigurationError
 from mcp_authdb.server.oauth_store import UpstreamTokens
 from mcp_authdb.server.upstream import (
     DEFAULT_SCOPES,
+    MAX_EXPIRES_IN,
     JsonRpcError,
     UpstreamClient,
     UpstreamConfig,
@@ -470,6 +471,60 @@ def test_token_response_invalid(
         run(upstream.config(), call)
 
 
+def exchange_with_token_body(upstream: UpstreamServer, body: bytes) -> UpstreamTokens:
+    """Return the tokens of a code exchange whose token response is ``body``."""
+    upstream.inject(
+        "token",
+        Injection(status=200, body=body, headers={"Content-Type": "application/json"}),
+    )
+
+    async def call(client: UpstreamClient) -> UpstreamTokens:
+        verifier, _ = new_pkce_pair()
+        return await client.exchange_code("code", code_verifier=verifier)
+
+    return run(upstream.config(), call)
+
+
+@pytest.mark.parametrize(
+    "expires_in",
+    [b"1e308", b"Infinity", str(10**12).encode(), str(10**400).encode()],
+    ids=["1e308", "infinity", "10**12", "10**400"],
+)
+def test_token_expires_in_capped(upstream: UpstreamServer, expires_in: bytes) -> None:
+    body = b'{"access_token": "a", "expires_in": ' + expires_in + b"}"
+
+    tokens = exchange_with_token_body(upstream, body)
+
+    assert tokens.expires_at is not None
+    assert tokens.expires_at - tokens.issued_at == MAX_EXPIRES_IN
+
+
+def test_token_expires_in_nan_rejected(upstream: UpstreamServer) -> None:
+    with pytest.raises(UpstreamError, match="expires_in nan"):
+        exchange_with_token_body(upstream, b'{"access_token": "a", "expires_in": NaN}')
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("access_token", r"A\ud800"),
+        ("access_token", r"A\u0000B"),
+        ("access_token", r"caf\u00e9"),
+        ("access_token", r"A\nB"),
+        ("refresh_token", r"R\ud800"),
+        ("refresh_token", r"R\u0000"),
+    ],
+)
+def test_token_unusable_characters_rejected(
+    upstream: UpstreamServer, field: str, value: str
+) -> None:
+    fields = {"access_token": "a", "refresh_token": "r", field: value}
+    body = "{" + ", ".join(f'"{k}": "{v}"' for k, v in fields.items()) + "}"
+
+    with pytest.raises(UpstreamError, match=field):
+        exchange_with_token_body(upstream, body.encode())
+
+
 # Userinfo.
 
 
@@ -555,6 +610,43 @@ def test_userinfo_invalid_claim(
 
     with pytest.raises(UpstreamError, match=variable):
         run(upstream.config(), body)
+
+
+@pytest.mark.parametrize(
+    ("body", "variable"),
+    [
+        (rb'{"sub": "ali\u0000ce"}', "UPSTREAM_USER_ID_CLAIM"),
+        (rb'{"sub": "x\ud800"}', "UPSTREAM_USER_ID_CLAIM"),
+        (rb'{"sub": "a\u0007b"}', "UPSTREAM_USER_ID_CLAIM"),
+        (rb'{"sub": "   "}', "UPSTREAM_USER_ID_CLAIM"),
+        (rb'{"sub": "\t\n"}', "UPSTREAM_USER_ID_CLAIM"),
+        (rb'{"sub": "bob", "subscription_level": "pro\u0000"}', "UPSTREAM_LEVEL_CLAIM"),
+        (rb'{"sub": "bob", "subscription_level": "\ud800"}', "UPSTREAM_LEVEL_CLAIM"),
+    ],
+)
+def test_userinfo_unstorable_claim_rejected(
+    upstream: UpstreamServer, body: bytes, variable: str
+) -> None:
+    upstream.inject("userinfo", Injection(status=200, body=body))
+
+    with pytest.raises(UpstreamError, match=variable):
+        run(upstream.config(), lambda client: client.userinfo("token"))
+
+
+def test_userinfo_deeply_nested_json(upstream: UpstreamServer) -> None:
+    body = b'{"sub": "bob", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    upstream.inject("userinfo", Injection(status=200, body=body))
+
+    with pytest.raises(UpstreamError, match="without a JSON body"):
+        run(upstream.config(), lambda client: client.userinfo("token"))
+
+
+def test_unencodable_access_token_not_sent(upstream: UpstreamServer) -> None:
+    with pytest.raises(UpstreamError, match="not encodable") as caught:
+        run(upstream.config(), lambda client: client.userinfo("A\ud800"))
+
+    assert "\ud800" not in str(caught.value)
+    assert upstream.calls["userinfo"] == 0
 
 
 def test_userinfo_invalid_token(upstream: UpstreamServer) -> None:

@@ -33,9 +33,11 @@ responds.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
@@ -59,6 +61,12 @@ REGISTRATION_WINDOW = timedelta(hours=1)
 MAX_SOURCE_LENGTH = 64
 # The maximum length of oauth_clients.client_id, by its CHECK constraint.
 MAX_CLIENT_ID_LENGTH = 2048
+# How often a caller that waits for another caller's upstream refresh reads
+# the grant again, in seconds.
+REFRESH_POLL_S = 0.05
+# How long a caller waits for another caller's upstream refresh by default,
+# in seconds: above the upstream client's default timeout of 10 s.
+DEFAULT_REFRESH_WAIT_S = 30.0
 
 
 class GrantNotFoundError(AuthDBError):
@@ -70,6 +78,27 @@ class GrantNotFoundError(AuthDBError):
     def __init__(self, message: str, *, family_id: uuid.UUID) -> None:
         super().__init__(message)
         self.family_id = family_id
+
+
+class RefreshTimeoutError(AuthDBError):
+    """Another caller's upstream refresh of a family did not end in time.
+
+    ``family_id`` is the family whose tokens were being refreshed.
+    """
+
+    def __init__(self, message: str, *, family_id: uuid.UUID) -> None:
+        super().__init__(message)
+        self.family_id = family_id
+
+
+@dataclasses.dataclass
+class _RefreshAttempt:
+    """What one pass of :meth:`OAuthStore.refresh_upstream` found or made."""
+
+    result: UpstreamTokens | None = None
+    fresh: UpstreamTokens | None = None
+    old_access: bytes | None = None
+    user_id: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,11 +328,23 @@ FROM oauth_grants
 WHERE family_id = %s
 """
 
-_LOCK_GRANT = f"""
-SELECT {_GRANT_COLUMNS}
-FROM oauth_grants
+# A transaction-level advisory lock on the family marks its one refresher.
+# The key text has its own prefix, like the registration lock.
+_TRY_LOCK_REFRESH = (
+    "SELECT pg_try_advisory_xact_lock("
+    "hashtextextended('mcp-authdb upstream refresh ' || %s, 0))"
+)
+
+# Stores tokens only while the grant contains the access token refreshed.
+_STORE_REFRESHED = """
+UPDATE oauth_grants
+SET upstream_access_encrypted = %s,
+    upstream_refresh_encrypted = %s,
+    upstream_issued_at = %s,
+    upstream_expires_at = %s,
+    updated_at = now()
 WHERE family_id = %s
-FOR UPDATE
+  AND upstream_access_encrypted = %s
 """
 
 _UPDATE_GRANT_TOKENS = """
@@ -416,6 +457,16 @@ def select_grant_operation(family_id: uuid.UUID) -> Operation[tuple[Any, ...] | 
     return result.rows[0] if result.rows else None
 
 
+def store_refreshed_operation(params: Sequence[Any]) -> Operation[bool]:
+    """Store refreshed tokens if the grant still has the old access token.
+
+    ``params`` are those of ``_STORE_REFRESHED``. Returns whether a row
+    changed.
+    """
+    result = yield Query(_STORE_REFRESHED, tuple(params))
+    return result.rowcount == 1
+
+
 def cleanup_operation(unused_age: timedelta) -> Operation[int]:
     """Run ``cleanup_oauth_state`` and return the number of rows it deleted."""
     result = yield Query(_CLEANUP, (unused_age,))
@@ -431,14 +482,28 @@ class OAuthStore:
     Database failures raise :class:`~mcp_authdb.errors.DatabaseError`, and a
     stored value that does not decrypt raises
     :class:`~mcp_authdb.server.crypto.DecryptionError`.
+    ``refresh_wait_s`` bounds how long :meth:`refresh_upstream` waits for
+    another caller's refresh, in seconds; set it above the upstream client's
+    timeout.
     """
 
     def __init__(
-        self, database: AsyncDatabase, encryptor: Encryptor, hasher: TokenHasher
+        self,
+        database: AsyncDatabase,
+        encryptor: Encryptor,
+        hasher: TokenHasher,
+        *,
+        refresh_wait_s: float = DEFAULT_REFRESH_WAIT_S,
     ) -> None:
+        if not refresh_wait_s > 0:
+            raise InvalidValueError(
+                f"refresh_wait_s={refresh_wait_s} is invalid; pass the seconds to "
+                f"wait for another caller's refresh, such as {DEFAULT_REFRESH_WAIT_S:g}"
+            )
         self.database = database
         self.encryptor = encryptor
         self.hasher = hasher
+        self.refresh_wait_s = refresh_wait_s
 
     # Clients
 
@@ -723,16 +788,28 @@ class OAuthStore:
         have a refresh token and an expiry. Then ``refresh`` is awaited with
         the stored tokens and its result is stored encrypted and returned.
 
-        The grant row stays locked (``SELECT ... FOR UPDATE``) from the read
-        to the commit, on a connection held across the ``refresh`` call, so
-        concurrent callers on any replica refresh once: the others wait, then
-        read the new tokens, which are no longer due. This matters because
-        upstream providers that rotate refresh tokens reject the old one.
+        Of concurrent callers on any replica, one refreshes: it takes a
+        transaction-level advisory lock on the family with
+        ``pg_try_advisory_xact_lock`` and keeps its connection and transaction
+        during the ``refresh`` call. The others do not wait on the lock. They
+        return their connection to the pool and read the grant again every
+        :data:`REFRESH_POLL_S` seconds until the lock is free, then return the
+        refreshed tokens, or refresh themselves if the refresher failed. So a
+        slow upstream provider holds one pooled connection per family, not one
+        per caller. Refreshing once matters because upstream providers that
+        rotate refresh tokens reject the old one.
+
+        If the refresher's transaction is lost after ``refresh`` returned (a
+        dropped connection, or a server or pooler idle-in-transaction
+        timeout), the new tokens are stored in a new transaction, but only if
+        the stored access token is still the one that was refreshed.
 
         An exception from ``refresh`` rolls back and propagates, leaving the
         stored tokens unchanged. Raises :class:`GrantNotFoundError` when the
-        family has no grant or the grant contains no upstream tokens, and
-        :class:`InvalidValueError` for a threshold outside (0, 1].
+        family has no grant or the grant contains no upstream tokens,
+        :class:`RefreshTimeoutError` when another caller's refresh did not end
+        within ``refresh_wait_s`` seconds, and :class:`InvalidValueError` for
+        a threshold outside (0, 1].
         """
         if not 0 < threshold <= 1:
             raise InvalidValueError(
@@ -740,18 +817,39 @@ class OAuthStore:
                 "the access token's lifetime after which it is refreshed, such as 0.9"
             )
 
-        try:
-            async with (
-                self.database.pool.connection() as conn,
-                conn.transaction(),
-            ):
-                return await self._refresh_locked(conn, family_id, refresh, threshold)
-        except psycopg.Error as exc:
-            raise DatabaseError.from_driver(
-                f"refreshing the upstream tokens of family {family_id} failed: "
-                f"{_first_line(exc)} (SQLSTATE {exc.sqlstate})",
-                exc,
-            ) from exc
+        deadline = time.monotonic() + self.refresh_wait_s
+        while True:
+            attempt = _RefreshAttempt()
+            try:
+                async with (
+                    self.database.pool.connection() as conn,
+                    conn.transaction(),
+                ):
+                    await self._refresh_locked(
+                        conn, family_id, refresh, threshold, attempt
+                    )
+            except psycopg.Error as exc:
+                if attempt.fresh is None:
+                    raise DatabaseError.from_driver(
+                        f"refreshing the upstream tokens of family {family_id} "
+                        f"failed: {_first_line(exc)} (SQLSTATE {exc.sqlstate})",
+                        exc,
+                    ) from exc
+                await self._store_refreshed(family_id, attempt, exc)
+            if attempt.result is not None:
+                return attempt.result
+            if attempt.fresh is not None:
+                return attempt.fresh
+
+            # Another caller holds the lock and is refreshing.
+            if time.monotonic() >= deadline:
+                raise RefreshTimeoutError(
+                    f"another request has been refreshing the upstream tokens of "
+                    f"family {family_id} for over {self.refresh_wait_s:g} s; try "
+                    "again later",
+                    family_id=family_id,
+                )
+            await asyncio.sleep(REFRESH_POLL_S)
 
     async def _refresh_locked(
         self,
@@ -759,7 +857,14 @@ class OAuthStore:
         family_id: uuid.UUID,
         refresh: Callable[[UpstreamTokens], Awaitable[UpstreamTokens]],
         threshold: float,
-    ) -> UpstreamTokens:
+        attempt: _RefreshAttempt,
+    ) -> None:
+        """Refresh under the family's lock, or leave ``attempt`` empty if busy.
+
+        Sets ``attempt.result`` to tokens that need no refresh, or
+        ``attempt.fresh`` (with ``attempt.old_access``) to refreshed tokens,
+        before they are written.
+        """
         if self.database.settings.transaction_pooler:
             # Poolers in transaction mode reject statement_timeout as a
             # startup parameter, so the pool driver sets it per transaction.
@@ -769,7 +874,12 @@ class OAuthStore:
                 )
             )
 
-        cursor = await conn.execute(_LOCK_GRANT, (family_id,))
+        cursor = await conn.execute(_TRY_LOCK_REFRESH, (str(family_id),))
+        lock_row = await cursor.fetchone()
+        locked = bool(lock_row and lock_row[0])
+        # Read after taking the lock, so a refresh that committed before it is
+        # seen.
+        cursor = await conn.execute(_SELECT_GRANT, (family_id,))
         row = await cursor.fetchone()
         if row is None:
             raise GrantNotFoundError(
@@ -787,10 +897,16 @@ class OAuthStore:
 
         current = grant.upstream
         if not _refresh_due(current, threshold, datetime.now(UTC)):
-            return current
+            attempt.result = current
+            return
+        if not locked:
+            return
 
         fresh = await refresh(current)
         _check_aware("issued_at of the refreshed tokens", fresh.issued_at)
+        attempt.user_id = grant.user_id
+        attempt.old_access = row[4]
+        attempt.fresh = fresh
         access, refresh_token, issued_at, expires_at = self._encrypt_upstream(
             grant.user_id, fresh
         )
@@ -803,7 +919,48 @@ class OAuthStore:
             family_id,
             extra={"action": "oauth.upstream.refreshed", "family_id": str(family_id)},
         )
-        return fresh
+
+    async def _store_refreshed(
+        self, family_id: uuid.UUID, attempt: _RefreshAttempt, cause: psycopg.Error
+    ) -> None:
+        """Store refreshed tokens whose refresher's transaction was lost.
+
+        The update applies only while the grant still contains the access
+        token that was refreshed, so it never overwrites a later refresh.
+        """
+        assert attempt.fresh is not None and attempt.user_id is not None
+        logger.warning(
+            "storing the refreshed upstream tokens of family %s failed (%s, "
+            "SQLSTATE %s); storing them again in a new transaction",
+            family_id,
+            _first_line(cause),
+            cause.sqlstate,
+            extra={"action": "oauth.upstream.store_retry", "family_id": str(family_id)},
+        )
+        access, refresh_token, issued_at, expires_at = self._encrypt_upstream(
+            attempt.user_id, attempt.fresh
+        )
+        params = (
+            access,
+            refresh_token,
+            issued_at,
+            expires_at,
+            family_id,
+            attempt.old_access,
+        )
+        stored = await self.database.run(
+            lambda: store_refreshed_operation(params), idempotent=True
+        )
+        if not stored:
+            logger.warning(
+                "the upstream tokens of family %s changed during their refresh; "
+                "kept the stored tokens",
+                family_id,
+                extra={
+                    "action": "oauth.upstream.refresh_conflict",
+                    "family_id": str(family_id),
+                },
+            )
 
     # Cleanup
 

@@ -39,6 +39,7 @@ from mcp_authdb.errors import AuthDBError, InvalidValueError
 from mcp_authdb.server.oauth_store import (
     GrantNotFoundError,
     OAuthStore,
+    RefreshTimeoutError,
     UpstreamTokens,
 )
 from mcp_authdb.server.observability import mark_forbidden
@@ -288,12 +289,36 @@ def register_tools(
             )
 
         tokens = await _upstream_tokens(token, oauth_store, upstream, settings)
+        params = {"query": text, "limit": limit}
         try:
             results = await upstream.call_jsonrpc(
-                tokens.access_token, "content.search", {"query": text, "limit": limit}
+                tokens.access_token, "content.search", params
             )
         except UpstreamError as exc:
-            raise _search_failed(token, tokens, exc) from None
+            if exc.status_code != 401 or isinstance(exc, JsonRpcError):
+                raise _search_failed(token, tokens, exc) from None
+            rotated = await _rotated_tokens(token, oauth_store, tokens)
+            if rotated is None:
+                raise _search_failed(token, tokens, exc) from None
+            # A concurrent refresh replaced the access token after this call
+            # read it, so the upstream rejected the old one. Retry once.
+            logger.info(
+                "content.search for user %s retried with the refreshed upstream "
+                "access token",
+                token.user_id,
+                extra={
+                    "action": "tools.content_search.retried",
+                    "user_id": token.user_id,
+                    "family_id": str(token.family_id),
+                },
+            )
+            tokens = rotated
+            try:
+                results = await upstream.call_jsonrpc(
+                    tokens.access_token, "content.search", params
+                )
+            except UpstreamError as retry_exc:
+                raise _search_failed(token, tokens, retry_exc) from None
         return ContentSearchResult(query=text, limit=limit, results=results)
 
     server.add_tool(whoami, name="whoami", description=WHOAMI_DESCRIPTION)
@@ -372,6 +397,17 @@ async def _upstream_tokens(
         )
     except GrantNotFoundError:
         raise ToolError("this session has no upstream tokens; sign in again") from None
+    except RefreshTimeoutError as exc:
+        logger.warning(
+            "waiting for the upstream refresh of user %s failed: %s",
+            token.user_id,
+            exc,
+            extra={"action": "tools.upstream_tokens.failed", "user_id": token.user_id},
+        )
+        raise ToolError(
+            "another request of this session is still refreshing its upstream "
+            "sign-in; try again in a few seconds"
+        ) from None
     except UpstreamError as exc:
         _log_upstream_failure(token, "refreshing the upstream tokens", exc)
         if exc.error == "invalid_grant":
@@ -394,6 +430,31 @@ async def _upstream_tokens(
             "this session's upstream sign-in could not be read because the "
             "database failed; try again later"
         ) from None
+
+
+async def _rotated_tokens(
+    token: AuthDBAccessToken, oauth_store: OAuthStore, used: UpstreamTokens
+) -> UpstreamTokens | None:
+    """Return the grant's stored upstream tokens if their access token changed.
+
+    Returns None when the stored access token is still ``used``'s, when the
+    grant has no upstream tokens, or when the database read fails (logged).
+    """
+    try:
+        grant = await oauth_store.get_grant(token.family_id)
+    except AuthDBError as exc:
+        logger.warning(
+            "reading the upstream tokens of user %s again failed: %s",
+            token.user_id,
+            exc,
+            extra={"action": "tools.upstream_tokens.failed", "user_id": token.user_id},
+        )
+        return None
+    if grant is None or grant.upstream is None:
+        return None
+    if grant.upstream.access_token == used.access_token:
+        return None
+    return grant.upstream
 
 
 def _search_failed(

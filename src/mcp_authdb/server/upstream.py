@@ -21,9 +21,11 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import re
 import secrets
 import time
+import unicodedata
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -69,6 +71,12 @@ _SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
 _DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?")
 # How many characters of an upstream's error text a message repeats.
 _ERROR_TEXT_LENGTH = 200
+# The maximum token lifetime accepted from the upstream provider. A longer
+# expires_in, up to infinity, is cut to this.
+MAX_EXPIRES_IN = timedelta(days=365)
+# RFC 6749, appendix A.12 and A.17: access and refresh tokens are 1*VSCHAR,
+# the printable ASCII characters and space.
+_VSCHAR_TOKEN = re.compile(r"[\x20-\x7e]+")
 _LOOPBACK_NAMES = ("localhost",)
 
 
@@ -584,7 +592,8 @@ class UpstreamClient:
 
         try:
             body = json.loads(content) if content else None
-        except ValueError:
+        except (ValueError, RecursionError):
+            # RecursionError: JSON nested deeper than the parser's limit.
             body = None
 
         if 300 <= status < 400:
@@ -645,6 +654,14 @@ class UpstreamClient:
                 f"the request to the upstream {endpoint} failed: "
                 f"{type(exc).__name__}: {exc}"
             ) from None
+        except UnicodeError as exc:
+            # A header or form value that cannot be encoded. The message of
+            # the error quotes the value, which may be a token, so it is left
+            # out.
+            raise UpstreamError(
+                f"the request to the upstream {endpoint} was not sent because a "
+                f"header or form value is not encodable ({type(exc).__name__})"
+            ) from None
 
     def _user_id_from(self, claims: dict[str, Any]) -> str:
         claim = self.config.user_id_claim
@@ -663,6 +680,12 @@ class UpstreamClient:
                 f"{USER_ID_MAX_LENGTH} characters; set UPSTREAM_USER_ID_CLAIM to "
                 "the claim that carries the user id"
             )
+        if not value.strip() or not _is_storable_text(value):
+            raise UpstreamError(
+                f"the upstream userinfo claim {claim!r} is blank or contains a "
+                "control character or a lone surrogate, so it cannot be a user id; "
+                "set UPSTREAM_USER_ID_CLAIM to the claim that carries the user id"
+            )
         return value
 
     def _level_from(self, claims: dict[str, Any]) -> str:
@@ -674,6 +697,12 @@ class UpstreamClient:
             raise UpstreamError(
                 f"the upstream userinfo claim {claim!r} is not a string of at most "
                 f"{SUBSCRIPTION_LEVEL_MAX_LENGTH} characters; set "
+                "UPSTREAM_LEVEL_CLAIM to the claim that carries the level name"
+            )
+        if not _is_storable_text(value):
+            raise UpstreamError(
+                f"the upstream userinfo claim {claim!r} contains a control "
+                "character or a lone surrogate, so it cannot be a level name; set "
                 "UPSTREAM_LEVEL_CLAIM to the claim that carries the level name"
             )
         return value
@@ -691,6 +720,11 @@ def _tokens_from(
     access = body.get("access_token")
     if not isinstance(access, str) or not access:
         raise UpstreamError("the upstream token response has no access_token")
+    if not _VSCHAR_TOKEN.fullmatch(access):
+        raise UpstreamError(
+            "the upstream token response has an access_token with characters "
+            "outside printable ASCII, which RFC 6749 does not allow"
+        )
 
     token_type = body.get("token_type", "Bearer")
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
@@ -700,18 +734,29 @@ def _tokens_from(
         )
 
     refresh = body.get("refresh_token")
-    if refresh is not None and (not isinstance(refresh, str) or not refresh):
-        raise UpstreamError("the upstream token response has an invalid refresh_token")
+    if refresh is not None and (
+        not isinstance(refresh, str) or not _VSCHAR_TOKEN.fullmatch(refresh)
+    ):
+        raise UpstreamError(
+            "the upstream token response has an invalid refresh_token: it must be "
+            "a non-empty string of printable ASCII (RFC 6749)"
+        )
 
     expires_in = body.get("expires_in")
     expires_at = None
     if expires_in is not None:
-        if isinstance(expires_in, bool) or not isinstance(expires_in, int | float):
+        if (
+            isinstance(expires_in, bool)
+            or not isinstance(expires_in, int | float)
+            or (isinstance(expires_in, float) and math.isnan(expires_in))
+        ):
             raise UpstreamError(
                 f"the upstream token response has expires_in "
                 f"{_printable(expires_in)}, which is not a number of seconds"
             )
-        expires_at = issued_at + timedelta(seconds=max(0.0, float(expires_in)))
+        # Compared before float(), which overflows on a huge int.
+        seconds = min(max(0, expires_in), MAX_EXPIRES_IN.total_seconds())
+        expires_at = issued_at + timedelta(seconds=float(seconds))
 
     return UpstreamTokens(
         access_token=access,
@@ -781,8 +826,22 @@ def _scrub(text: str, hidden: list[str]) -> str:
 
 def _printable(value: Any) -> str:
     """Return a short repr of an upstream value for a message."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):
+        # A deeply nested list or dict, or an int over the digit limit of
+        # int-to-str conversion.
+        return f"(a {type(value).__name__} too large to show)"
     return text if len(text) <= 60 else text[:60] + "..."
+
+
+def _is_storable_text(value: str) -> bool:
+    """Return whether ``value`` has no control character and no lone surrogate.
+
+    PostgreSQL text rejects NUL, UTF-8 cannot encode a lone surrogate, and
+    other control characters have no place in an identifier.
+    """
+    return not any(unicodedata.category(char) in ("Cc", "Cs") for char in value)
 
 
 def _scopes_from(value: Any) -> tuple[str, ...]:

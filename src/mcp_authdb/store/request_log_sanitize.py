@@ -60,8 +60,9 @@ returns a row that PostgreSQL accepts. The rules, applied in this order:
    secret written some other way, such as JSON text inside a string, a
    percent-encoded name or ``Authorization: Token x``, is stored as written.
 
-   In every text, a token issued by this library (``mcpat_...``,
-   ``mcprt_...``) becomes ``[REDACTED]`` too.
+   In every text, a token issued by this library, of any
+   :class:`~mcp_authdb.store.tokens.TokenKind` (access and refresh tokens,
+   authorization codes, OAuth states), becomes ``[REDACTED]`` too.
 
 2. **Values JSON cannot hold.** ``parameters`` is stored as jsonb. A value
    that is not JSON (a str, an int, a finite float, a bool, None, a list, or
@@ -155,6 +156,7 @@ from decimal import Decimal
 from typing import Any
 
 from mcp_authdb.errors import InvalidValueError
+from mcp_authdb.store.tokens import TokenKind
 
 # Column sizes of request_logs. varchar lengths count characters, as len()
 # counts a str's code points.
@@ -237,9 +239,13 @@ SECRET_KEY_PARTS = (
     "tokenhash",
 )
 
-# Tokens issued by this library: a prefix and the 43 characters of
-# secrets.token_urlsafe(32). Shorter tails match too, for cut tokens.
-_LIBRARY_TOKEN = re.compile(r"mcp(?:at|rt)_[A-Za-z0-9_-]{8,}")
+# Tokens issued by this library: the prefix of a TokenKind and the 43
+# characters of secrets.token_urlsafe(32). Shorter tails match too, for cut
+# tokens.
+_TOKEN_PREFIXES = tuple(kind.prefix for kind in TokenKind)
+_LIBRARY_TOKEN = re.compile(
+    "(?:" + "|".join(map(re.escape, _TOKEN_PREFIXES)) + ")[A-Za-z0-9_-]{8,}"
+)
 # Free-text secrets. The credential after an authorization scheme runs to
 # whitespace, a quote, an angle bracket, a comma or a semicolon.
 # A credential is at least 8 characters of the token68 alphabet of RFC 7235
@@ -332,7 +338,7 @@ def clean_text(text: str) -> str:
             text = _repair_surrogates(text)
     if "\x00" in text:
         text = text.replace("\x00", REPLACEMENT_CHARACTER)
-    if "mcpat_" in text or "mcprt_" in text:
+    if _contains_token_prefix(text):
         text = _LIBRARY_TOKEN.sub(REDACTED, text)
     return str.__str__(text)
 
@@ -340,6 +346,11 @@ def clean_text(text: str) -> str:
 def _is_plain_text(text: str) -> bool:
     """Tell whether :func:`clean_text` surely leaves ``text`` as it is."""
     return text.isascii() and "\x00" not in text and "mcp" not in text
+
+
+def _contains_token_prefix(text: str) -> bool:
+    """Tell whether ``text`` contains the prefix of a library token."""
+    return any(prefix in text for prefix in _TOKEN_PREFIXES)
 
 
 def _may_contain_secret(text: str) -> bool:
@@ -613,7 +624,7 @@ class RowSanitizer:
             return None
         # The encoder escapes NUL as \u0000. A long run of digits may be an
         # int over MAX_INT_BITS bits.
-        if "\\u0000" in text or "mcpat_" in text or "mcprt_" in text:
+        if "\\u0000" in text or _contains_token_prefix(text):
             return None
         # JSON escapes never touch the characters of the free-text markers,
         # so a string that may contain a secret leaves its marker here too.
