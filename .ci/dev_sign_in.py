@@ -2,7 +2,8 @@
 
 CI runs the README's main job, `serve --dev`, in the background and then
 this script, which plays an MCP client and its user: the SDK's OAuth client
-registers, the development identity provider's sign-in form is filled in
+registers, the server's consent page is approved, the development
+identity provider's sign-in form is filled in
 with a user id and the level `plus`, and the tools `whoami` and
 `content_search` are called. It exits 0 when every step worked.
 
@@ -27,6 +28,7 @@ from mcp.shared.auth import OAuthClientInformationFull, OAuthClientMetadata, OAu
 
 REDIRECT_URI = "http://127.0.0.1:1/callback"
 USER_ID = "ci-user"
+CONSENT_PATH = "/oauth/consent"
 HIDDEN_INPUT = re.compile(r'<input type="hidden" name="([^"]+)" value="([^"]*)">')
 
 
@@ -57,12 +59,18 @@ async def sign_in_as_user(authorization_url: str) -> str:
         for _ in range(10):
             response = await http.get(url)
             if response.status_code == 200:
-                # The development sign-in form: submit it as USER_ID, level plus.
                 form = {
                     html.unescape(name): html.unescape(value)
                     for name, value in HIDDEN_INPUT.findall(response.text)
                 }
-                form.update(user_id=USER_ID, subscription_level="plus")
+                if urlsplit(url).path == CONSENT_PATH:
+                    # The server's consent page: approve. The client keeps the
+                    # CSRF cookie for this POST and the binding cookie for the
+                    # callback.
+                    form["decision"] = "approve"
+                else:
+                    # The development sign-in form: submit as USER_ID, level plus.
+                    form.update(user_id=USER_ID, subscription_level="plus")
                 response = await http.post(url.split("?")[0], data=form)
             if response.status_code not in (302, 303, 307):
                 raise SystemExit(

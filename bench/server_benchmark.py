@@ -64,6 +64,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import html
 import importlib
 import itertools
 import json
@@ -83,7 +84,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urljoin, urlsplit
 
 import httpx2
 import uvicorn
@@ -98,6 +99,7 @@ import pool_benchmark
 import session_benchmark
 from mcp_authdb import __version__
 from mcp_authdb.db import ConnectionTarget, Settings, connect, resolve_target
+from mcp_authdb.server.consent import CONSENT_PATH
 from mcp_authdb.server.tools import WHOAMI_DESCRIPTION, WhoAmI
 
 DEFAULT_URL = "postgresql:///postgres?host=/var/run/postgresql"
@@ -120,6 +122,8 @@ TOOL = "whoami"
 # The redirect URI of the benchmark's OAuth client. Nothing listens there: the
 # headless browser stops at the redirect to it and reads the code.
 CLIENT_REDIRECT_URI = "http://127.0.0.1:1/callback"
+# A hidden field of the server's consent form.
+HIDDEN_INPUT = re.compile(r'<input type="hidden" name="([^"]+)" value="([^"]*)">')
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
@@ -701,8 +705,9 @@ class MemoryStorage:
 async def sign_in(base_url: str) -> str:
     """Sign in through the SDK client, call the tool once, return the access token.
 
-    The browser step follows the redirects from /authorize to the stand-in, which
-    approves the user at once, and back to the client's redirect URI.
+    The browser step follows the redirects from /authorize to the consent page,
+    approves there, goes on to the stand-in, which approves the user at once,
+    and back to the client's redirect URI.
     """
     redirected: list[str] = []
 
@@ -711,12 +716,21 @@ async def sign_in(base_url: str) -> str:
         async with httpx2.AsyncClient(timeout=10.0, trust_env=False) as http:
             for _ in range(10):
                 response = await http.get(url)
+                if response.status_code == 200 and urlsplit(url).path == CONSENT_PATH:
+                    # Approve; the client keeps the cookies for the callback.
+                    form = {
+                        name: html.unescape(value)
+                        for name, value in HIDDEN_INPUT.findall(response.text)
+                    }
+                    response = await http.post(
+                        urljoin(url, CONSENT_PATH), data={**form, "decision": "approve"}
+                    )
                 if response.status_code not in (302, 303, 307):
                     raise BenchmarkError(
                         f"the sign-in stopped at {url} with HTTP "
                         f"{response.status_code}: {response.text[:300]}"
                     )
-                url = response.headers["location"]
+                url = urljoin(url, response.headers["location"])
                 if url.startswith(CLIENT_REDIRECT_URI):
                     redirected.append(url)
                     return

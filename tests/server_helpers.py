@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator
+from html.parser import HTMLParser
 from typing import Any, Literal
+from urllib.parse import urljoin, urlsplit
 
 import httpx2
 import uvicorn
@@ -18,6 +20,13 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.auth.settings import AuthSettings
 from pydantic import AnyHttpUrl
+
+from mcp_authdb.server.consent import (
+    BINDING_COOKIE,
+    BINDING_COOKIE_PATH,
+    CONSENT_PATH,
+    CSRF_COOKIE,
+)
 
 # The token keys of servers whose sessions the test makes itself.
 KEYS = "k1:" + "s" * 43
@@ -81,3 +90,91 @@ def resource_auth_settings() -> AuthSettings:
         resource_server_url=AnyHttpUrl(RESOURCE),
         validate_token_resource=True,
     )
+
+
+class _ConsentFormParser(HTMLParser):
+    """Collects the consent form's action and hidden fields."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.action: str | None = None
+        self.fields: dict[str, str] = {}
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if tag == "form":
+            self.action = values.get("action")
+        elif tag == "input" and values.get("type") == "hidden":
+            self.fields[values.get("name") or ""] = values.get("value") or ""
+
+
+def consent_form(page_url: str, page: str) -> tuple[str, dict[str, str]]:
+    """Parse the consent page; return the form's absolute URL and hidden fields."""
+    parser = _ConsentFormParser()
+    parser.feed(page)
+    assert parser.action is not None, page
+    return urljoin(page_url, parser.action), parser.fields
+
+
+def is_consent_page(url: str) -> bool:
+    """Return whether ``url`` is a consent page of this project's server."""
+    return urlsplit(url).path == CONSENT_PATH
+
+
+def answer_consent(
+    http: httpx2.Client, consent_url: str, decision: str = "approve"
+) -> httpx2.Response:
+    """Answer the consent page at ``consent_url`` as a browser would.
+
+    GETs the page at the URL's path on ``http``'s base URL, then POSTs its
+    form with ``decision`` and the page's CSRF cookie. The binding cookie
+    that approval sets goes into ``http``'s cookie jar without its Secure
+    flag, so that the callback over plain HTTP sends it, as a browser at an
+    https public URL would. Returns the POST's response: 303 to the
+    upstream after approval.
+    """
+    parts = urlsplit(consent_url)
+    page = http.get(f"{parts.path}?{parts.query}")
+    assert page.status_code == 200, page.text
+    action, fields = consent_form(consent_url, page.text)
+    csrf = page.cookies.get(CSRF_COOKIE)
+    assert csrf is not None, page.headers
+    response = http.post(
+        urlsplit(action).path,
+        data={**fields, "decision": decision},
+        headers={"Cookie": f"{CSRF_COOKIE}={csrf}"},
+    )
+    binding = response.cookies.get(BINDING_COOKIE)
+    if binding is not None:
+        http.cookies.delete(BINDING_COOKIE)
+        http.cookies.set(BINDING_COOKIE, binding, path=BINDING_COOKIE_PATH)
+    return response
+
+
+async def answer_consent_async(
+    http: httpx2.AsyncClient, consent_url: str, decision: str = "approve"
+) -> httpx2.Response:
+    """Answer the consent page like :func:`answer_consent`, asynchronously."""
+    page = await http.get(consent_url)
+    assert page.status_code == 200, page.text
+    action, fields = consent_form(consent_url, page.text)
+    return await http.post(action, data={**fields, "decision": decision})
+
+
+async def follow_as_browser(http: httpx2.AsyncClient, url: str, stop: str) -> str:
+    """Follow redirects from ``url`` as a browser would; return the one to ``stop``.
+
+    The consent page on the way is approved, and ``http`` keeps the cookies
+    from the consent POST to the callback. Every other response must be a
+    redirect. Raises ``AssertionError`` after 10 steps.
+    """
+    for _ in range(10):
+        if is_consent_page(url):
+            response = await answer_consent_async(http, url)
+        else:
+            response = await http.get(url)
+        assert response.status_code in (302, 303, 307), response.text
+        url = urljoin(url, response.headers["location"])
+        if url.startswith(stop):
+            return url
+    raise AssertionError(f"the sign-in never redirected to {stop}")

@@ -34,12 +34,14 @@ from mcp_authdb.server.app import (
     source_address,
 )
 from mcp_authdb.server.config import ServerConfig
+from server_helpers import answer_consent
 from upstream_server import UpstreamServer, loopback_socket, upstream_server
 
 from conftest import ScratchDatabase
 
 PUBLIC_URL = "https://mcp.example.com/mcp"
 ISSUER = "https://mcp.example.com"
+_FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 MCP_ACCEPT = "application/json, text/event-stream"
 INITIALIZE = {
     "jsonrpc": "2.0",
@@ -466,7 +468,7 @@ def test_dev_routes_absent_outside_dev(running: RunningServer) -> None:
     assert response.status_code == 404
 
 
-def test_authorize_redirects_to_upstream(
+def test_authorize_redirects_to_consent(
     running: RunningServer, upstream: UpstreamServer
 ) -> None:
     client_id = register(running).json()["client_id"]
@@ -485,11 +487,61 @@ def test_authorize_redirects_to_upstream(
     )
 
     assert response.status_code == 302
-    location = response.headers["location"]
+    consent_url = response.headers["location"]
+    assert consent_url.startswith(ISSUER + "/oauth/consent?request=mcpst_")
+    page = running.http.get(urlsplit(consent_url).path, params={"x": "1"})
+    assert page.status_code == 400
+    assert page.headers["x-frame-options"] == "DENY"
+
+    approved = answer_consent(running.http, consent_url)
+    assert approved.status_code == 303
+    location = approved.headers["location"]
     assert location.startswith(upstream.base_url + "/oauth/authorize?")
     query = parse_qs(urlsplit(location).query)
     assert query["redirect_uri"] == [ISSUER + "/oauth/callback"]
     assert query["state"][0].startswith("mcpst_")
+    cookie = approved.headers["set-cookie"]
+    assert "mcp_authdb_signin=" in cookie
+    assert "Path=/oauth" in cookie
+    assert "Secure" in cookie
+    assert "HttpOnly" in cookie
+    assert "SameSite=lax" in cookie
+
+
+def test_consent_page_not_frameable(
+    running: RunningServer, upstream: UpstreamServer
+) -> None:
+    client_id = register(running).json()["client_id"]
+    response = running.http.get(
+        "/authorize",
+        params={
+            "response_type": "code",
+            "client_id": client_id,
+            "redirect_uri": "http://127.0.0.1:3000/callback",
+            "code_challenge": "c" * 43,
+            "code_challenge_method": "S256",
+            "resource": PUBLIC_URL,
+        },
+    )
+    parts = urlsplit(response.headers["location"])
+
+    page = running.http.get(f"{parts.path}?{parts.query}")
+
+    assert page.status_code == 200
+    assert page.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert page.headers["cache-control"] == "no-store"
+    assert "127.0.0.1" in page.text
+
+
+def test_consent_post_over_limit(running: RunningServer) -> None:
+    limit = running.config.registration_max_bytes
+
+    response = running.http.post(
+        "/oauth/consent", content=b"a" * (limit + 1), headers=_FORM
+    )
+
+    assert response.status_code == 413
 
 
 # The OAuth state cleanup
@@ -653,7 +705,9 @@ def sign_in(server: RunningServer, level: str) -> dict[str, Any]:
         },
     )
     assert authorize.status_code == 302, authorize.text
-    login_url = authorize.headers["location"]
+    approved = answer_consent(server.http, authorize.headers["location"])
+    assert approved.status_code == 303, approved.text
+    login_url = approved.headers["location"]
     assert login_url.startswith(server.base_url + "/dev/oauth/authorize?")
     login_query = {k: v[0] for k, v in parse_qs(urlsplit(login_url).query).items()}
 

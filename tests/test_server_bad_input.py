@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx2
 import pytest
 
+from server_helpers import answer_consent
 from test_server_app import (
     INITIALIZE,
     ISSUER,
@@ -102,10 +103,15 @@ def authorize(server: RunningServer, client_id: str, **params: str) -> httpx2.Re
 def upstream_query(
     server: RunningServer, upstream: UpstreamServer, client_id: str
 ) -> dict[str, str]:
-    """Authorize at the server and the upstream; return the callback's query."""
+    """Authorize, approve and authorize at the upstream; return the callback query.
+
+    The binding cookie of the approval stays in ``server.http``'s cookie jar.
+    """
     response = authorize(server, client_id)
     assert response.status_code == 302, response.text
-    return upstream.authorize(response.headers["location"])
+    approved = answer_consent(server.http, response.headers["location"])
+    assert approved.status_code == 303, approved.text
+    return upstream.authorize(approved.headers["location"])
 
 
 def callback(server: RunningServer, query: dict[str, str]) -> httpx2.Response:

@@ -1,8 +1,9 @@
 """The MCP server end to end: two `mcp-authdb serve` processes over one database.
 
 A user signs in through the SDK's own OAuth client, driven headlessly: its
-browser step follows the redirects from this server's /authorize to the
-Authlib stand-in for Drupal (which approves the test user at once), back to
+browser step follows the redirects from this server's /authorize to its
+consent page, approves there, goes on to the Authlib stand-in for Drupal
+(which approves the test user at once), back to
 this server's /oauth/callback and on to the client's redirect URI. Both
 processes have the same public URL, as replicas behind a load balancer
 would, and listen on two loopback ports. The client registers and signs in
@@ -34,6 +35,7 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.auth import OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
 from psycopg.rows import dict_row
 
+from server_helpers import follow_as_browser
 from upstream_server import UpstreamServer, upstream_server
 
 from conftest import ScratchDatabase
@@ -150,15 +152,12 @@ class MemoryStorage:
 
 
 async def follow_to_client(url: str) -> str:
-    """Open ``url`` as a browser would; return the redirect to the client."""
+    """Open ``url`` as a browser that approves the consent page would.
+
+    Returns the redirect to the client.
+    """
     async with httpx2.AsyncClient(timeout=10.0) as http:
-        for _ in range(10):
-            response = await http.get(url)
-            assert response.status_code in (302, 303, 307), response.text
-            url = response.headers["location"]
-            if url.startswith(CLIENT_REDIRECT_URI):
-                return url
-    raise AssertionError("the sign-in never redirected to the client")
+        return await follow_as_browser(http, url, CLIENT_REDIRECT_URI)
 
 
 def oauth_client(

@@ -448,6 +448,26 @@ def test_pending_taken_once(db: ScratchDatabase) -> None:
     assert count(db, "oauth_pending_authorizations") == 0
 
 
+def test_approved_pending_not_taken(db: ScratchDatabase) -> None:
+    # An approved sign-in is used up only with its browser binding, which
+    # the consent step checks; take_pending must not get around that.
+    state = new_token(TokenKind.STATE)
+
+    async def scenario() -> Any:
+        async with open_store(db) as store:
+            await register(store)
+            await store.put_pending(state, pending_for("client-1"))
+            query(
+                db,
+                "UPDATE oauth_pending_authorizations "
+                "SET consented_at = now(), binding_hash = 'k1:binding'",
+            )
+            return await store.take_pending(state)
+
+    assert run(scenario) is None
+    assert count(db, "oauth_pending_authorizations") == 1
+
+
 def test_pending_stores_hash_and_ciphertext(db: ScratchDatabase) -> None:
     state = new_token(TokenKind.STATE)
     pending = pending_for("client-1")

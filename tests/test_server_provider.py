@@ -1,8 +1,10 @@
 """The OAuth provider on real PostgreSQL, with the Authlib upstream on 127.0.0.1.
 
 Most tests call the provider's SDK-facing methods in ``asyncio.run``. The
-upstream's authorize step runs over real HTTP in a worker thread, and the
-callback gets a Starlette request built from the upstream's redirect. One
+consent page and form get Starlette requests built as a browser would send
+them, the upstream's authorize step runs over real HTTP in a worker thread,
+and the callback gets a Starlette request built from the upstream's
+redirect, with the binding cookie that approval set. One
 test serves the SDK's auth routes with uvicorn on 127.0.0.1 and signs in
 through them with real HTTP requests.
 """
@@ -14,6 +16,7 @@ import base64
 import contextlib
 import dataclasses
 import hashlib
+import http.cookies
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from datetime import UTC, datetime, timedelta
@@ -40,6 +43,7 @@ from starlette.routing import Route
 from mcp_authdb.db import resolve_target
 from mcp_authdb.db.pool import AsyncDatabase
 from mcp_authdb.server.client_metadata import ClientMetadataFetcher
+from mcp_authdb.server.consent import BINDING_COOKIE, CONSENT_PATH, CSRF_COOKIE
 from mcp_authdb.server.crypto import Encryptor
 from mcp_authdb.server.oauth_store import OAuthStore, PendingAuthorization
 from mcp_authdb.server.provider import (
@@ -53,7 +57,7 @@ from mcp_authdb.server.provider import (
 from mcp_authdb.server.upstream import DEFAULT_SCOPES, UpstreamClient
 from mcp_authdb.store import AsyncSessionStore, TokenHasher, TokenKeys, TokenKind
 from mcp_authdb.store.tokens import new_token
-from server_helpers import serving
+from server_helpers import answer_consent_async, consent_form, serving
 from upstream_server import UpstreamServer, upstream_server
 
 from conftest import ScratchDatabase
@@ -113,7 +117,8 @@ async def harness(
                 upstream=upstream_client,
                 documents=documents,
                 settings=ProviderSettings(
-                    issuer=ISSUER, resource=resource, scopes=SCOPES, **settings
+                    **{"issuer": ISSUER, "scopes": SCOPES, **settings},
+                    resource=resource,
                 ),
             )
             yield Harness(provider, store, sessions, upstream)
@@ -153,16 +158,101 @@ def params(
     )
 
 
-def callback_request(query: dict[str, str]) -> Request:
+# The binding cookie that approval set, by the upstream state it approved.
+BINDINGS: dict[str, str] = {}
+# callback_request() sends the cookie of BINDINGS unless told otherwise.
+_APPROVED_COOKIE = object()
+
+
+def cookie_header(cookies: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    if not cookies:
+        return []
+    text = "; ".join(f"{name}={value}" for name, value in cookies.items())
+    return [(b"cookie", text.encode())]
+
+
+def get_request(
+    path: str, query: dict[str, str], cookies: dict[str, str] | None = None
+) -> Request:
     return Request(
         {
             "type": "http",
             "method": "GET",
-            "path": "/oauth/callback",
+            "path": path,
             "query_string": urlencode(query).encode(),
-            "headers": [(b"accept", b"application/json")],
+            "headers": [
+                (b"accept", b"application/json"),
+                *cookie_header(cookies or {}),
+            ],
         }
     )
+
+
+def form_request(fields: dict[str, str], cookies: dict[str, str]) -> Request:
+    body = urlencode(fields).encode()
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    headers = [
+        (b"content-type", b"application/x-www-form-urlencoded"),
+        (b"content-length", str(len(body)).encode()),
+        *cookie_header(cookies),
+    ]
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": CONSENT_PATH,
+        "query_string": b"",
+        "headers": headers,
+    }
+    return Request(scope, receive)
+
+
+def set_cookies(response: Response) -> dict[str, http.cookies.Morsel[str]]:
+    """Return the cookies that ``response`` sets or deletes, by name."""
+    found: dict[str, http.cookies.Morsel[str]] = {}
+    for name, value in response.raw_headers:
+        if name == b"set-cookie":
+            parsed: http.cookies.SimpleCookie = http.cookies.SimpleCookie()
+            parsed.load(value.decode())
+            found.update(parsed)
+    return found
+
+
+async def open_consent(h: Harness, consent_url: str) -> tuple[Response, dict[str, str]]:
+    """GET the consent page; return it and the form's hidden fields."""
+    assert consent_url.startswith(ISSUER + CONSENT_PATH + "?"), consent_url
+    query = dict(parse_qsl(urlsplit(consent_url).query))
+    page = await h.provider.consent_page(get_request(CONSENT_PATH, query))
+    assert page.status_code == 200, page.body
+    _, fields = consent_form(consent_url, bytes(page.body).decode())
+    assert set_cookies(page)[CSRF_COOKIE].value == fields["csrf_token"]
+    return page, fields
+
+
+async def answer(h: Harness, consent_url: str, decision: str = "approve") -> Response:
+    """Answer the consent page at ``consent_url`` as a browser would."""
+    _, fields = await open_consent(h, consent_url)
+    return await h.provider.handle_consent(
+        form_request(
+            {**fields, "decision": decision}, {CSRF_COOKIE: fields["csrf_token"]}
+        )
+    )
+
+
+def callback_request(
+    query: dict[str, str], cookie: object = _APPROVED_COOKIE
+) -> Request:
+    """Build the upstream's redirect to the callback, as the browser sends it.
+
+    ``cookie`` is the binding cookie's value, None for none, and by default
+    the one that approval set for the query's state.
+    """
+    if cookie is _APPROVED_COOKIE:
+        cookie = BINDINGS.get(query.get("state", ""))
+    cookies = {BINDING_COOKIE: cookie} if isinstance(cookie, str) else {}
+    return get_request("/oauth/callback", query, cookies)
 
 
 def redirect_query(response: Response) -> tuple[str, dict[str, str]]:
@@ -174,9 +264,17 @@ def redirect_query(response: Response) -> tuple[str, dict[str, str]]:
 async def upstream_callback(
     h: Harness, client: Any, **overrides: Any
 ) -> dict[str, str]:
-    """Authorize at the provider and the upstream; return the callback query."""
+    """Authorize, approve and authorize at the upstream; return the callback query.
+
+    Remembers the binding cookie that approval set in :data:`BINDINGS`.
+    """
     url = await h.provider.authorize(client, params(**overrides))
-    return await asyncio.to_thread(h.upstream.authorize, url)
+    approved = await answer(h, url)
+    assert approved.status_code == 303, approved.body
+    binding = set_cookies(approved)[BINDING_COOKIE].value
+    query = await asyncio.to_thread(h.upstream.authorize, approved.headers["location"])
+    BINDINGS[query["state"]] = binding
+    return query
 
 
 async def sign_in(h: Harness, client: Any, **overrides: Any) -> str:
@@ -439,17 +537,18 @@ def test_authorize_stores_pending(
     url = run(scenario)
 
     query = dict(parse_qsl(urlsplit(url).query))
-    assert url.startswith(upstream.base_url + "/oauth/authorize?")
-    assert query["state"].startswith(TokenKind.STATE.prefix)
-    assert query["code_challenge_method"] == "S256"
-    assert query["client_id"] == upstream.client_id
+    assert url.startswith(ISSUER + CONSENT_PATH + "?")
+    assert query["request"].startswith(TokenKind.STATE.prefix)
     with db.connect() as conn:
         row = conn.execute(
             "SELECT state_hash, client_state, redirect_uri, scopes, "
-            "expires_at - now() FROM oauth_pending_authorizations"
+            "expires_at - now(), consented_at, binding_hash "
+            "FROM oauth_pending_authorizations"
         ).fetchone()
     assert row is not None
-    assert row[0] != query["state"]
+    assert row[0] == HASHER.hash(query["request"])
+    assert row[5] is None
+    assert row[6] is None
     assert row[1] == "client-state"
     assert row[2] == "http://127.0.0.1:45678/callback"
     assert row[3] == ["content:read"]
@@ -1022,6 +1121,8 @@ async def serve(h: Harness) -> AsyncIterator[str]:
         revocation_options=RevocationOptions(enabled=True),
     )
     routes.append(Route("/oauth/callback", h.provider.handle_callback))
+    routes.append(Route(CONSENT_PATH, h.provider.consent_page, methods=["GET"]))
+    routes.append(Route(CONSENT_PATH, h.provider.handle_consent, methods=["POST"]))
     async with serving(Starlette(routes=routes), lifespan="off") as base_url:
         yield base_url
 
@@ -1059,8 +1160,12 @@ def test_sign_in_over_http(db: ScratchDatabase, upstream: UpstreamServer) -> Non
                 },
             )
             assert authorized.status_code == 302, authorized.text
+            # The consent URL names the issuer, which is served at base here.
+            consent_url = authorized.headers["location"].replace(ISSUER, base)
+            approved = await answer_consent_async(http, consent_url)
+            assert approved.status_code == 303, approved.text
             query = await asyncio.to_thread(
-                upstream.authorize, authorized.headers["location"]
+                upstream.authorize, approved.headers["location"]
             )
             callback = await http.get("/oauth/callback", params=query)
             seen["callback"] = callback.headers["location"]
@@ -1172,3 +1277,341 @@ def test_settings_validation() -> None:
             scopes=DEFAULT_SCOPES,
             code_lifetime=timedelta(0),
         )
+
+
+# Consent and the browser binding
+
+ATTACKER_REDIRECT = "https://attacker.invalid/cb"
+
+
+async def register_attacker(h: Harness) -> AuthDBClientInformation:
+    info = OAuthClientInformationFull(
+        client_id="attacker",
+        client_name="Trusted <b>Helper</b> <script>alert(1)</script>",
+        redirect_uris=[AnyUrl(ATTACKER_REDIRECT)],
+        token_endpoint_auth_method="none",
+        scope=" ".join(SCOPES),
+    )
+    await h.provider.register_client(info)
+    client = await h.provider.get_client("attacker")
+    assert client is not None
+    return client
+
+
+def pending_rows(db: ScratchDatabase) -> list[tuple[Any, ...]]:
+    with db.connect() as conn:
+        return conn.execute(
+            "SELECT state_hash, consented_at IS NOT NULL, binding_hash "
+            "FROM oauth_pending_authorizations ORDER BY created_at"
+        ).fetchall()
+
+
+def test_consent_page_escapes_client(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    async def scenario() -> tuple[Response, dict[str, str]]:
+        async with harness(db, upstream) as h:
+            client = await register_attacker(h)
+            url = await h.provider.authorize(
+                client, params(redirect_uri=ATTACKER_REDIRECT, scopes=list(SCOPES))
+            )
+            return await open_consent(h, url)
+
+    page, fields = run(scenario)
+
+    body = bytes(page.body).decode()
+    assert "<script>" not in body
+    assert "<b>Helper</b>" not in body
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in body
+    assert '<p class="host">attacker.invalid</p>' in body
+    assert "<code>attacker</code>" in body
+    assert "<code>content:search</code>" in body
+    assert fields["request"].startswith(TokenKind.STATE.prefix)
+    assert page.headers["cache-control"] == "no-store"
+    assert page.headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    csrf = set_cookies(page)[CSRF_COOKIE]
+    assert csrf["httponly"] is True
+    assert csrf["samesite"] == "strict"
+    assert csrf["path"] == CONSENT_PATH
+    assert csrf["secure"] == ""
+
+
+def test_consent_approve_binds_browser(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    async def scenario() -> tuple[str, Response]:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            url = await h.provider.authorize(client, params())
+            return url, await answer(h, url)
+
+    url, response = run(scenario)
+
+    assert response.status_code == 303
+    location = response.headers["location"]
+    assert location.startswith(upstream.base_url + "/oauth/authorize?")
+    query = dict(parse_qsl(urlsplit(location).query))
+    request_id = dict(parse_qsl(urlsplit(url).query))["request"]
+    assert query["state"].startswith(TokenKind.STATE.prefix)
+    assert query["state"] != request_id
+    assert query["code_challenge_method"] == "S256"
+    assert query["client_id"] == upstream.client_id
+    binding = set_cookies(response)[BINDING_COOKIE]
+    assert binding["httponly"] is True
+    assert binding["samesite"] == "lax"
+    assert binding["path"] == "/oauth"
+    assert binding["max-age"] == "600"
+    assert binding["secure"] == ""
+    assert set_cookies(response)[CSRF_COOKIE]["max-age"] == "0"
+    rows = pending_rows(db)
+    assert rows == [(HASHER.hash(query["state"]), True, HASHER.hash(binding.value))]
+
+
+def test_consent_cookies_secure_on_https(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    issuer = "https://mcp.example.com"
+
+    async def scenario() -> tuple[Response, Response]:
+        async with harness(db, upstream, issuer=issuer) as h:
+            client = await register(h)
+            url = await h.provider.authorize(client, params())
+            query = dict(parse_qsl(urlsplit(url).query))
+            page = await h.provider.consent_page(get_request(CONSENT_PATH, query))
+            _, fields = consent_form(url, bytes(page.body).decode())
+            approved = await h.provider.handle_consent(
+                form_request(
+                    {**fields, "decision": "approve"},
+                    {CSRF_COOKIE: fields["csrf_token"]},
+                )
+            )
+            return page, approved
+
+    page, approved = run(scenario)
+
+    assert set_cookies(page)[CSRF_COOKIE]["secure"] is True
+    assert set_cookies(approved)[BINDING_COOKIE]["secure"] is True
+
+
+def test_consent_deny(db: ScratchDatabase, upstream: UpstreamServer) -> None:
+    async def scenario() -> Response:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            url = await h.provider.authorize(client, params(state="client-state-7"))
+            return await answer(h, url, "deny")
+
+    response = run(scenario)
+
+    assert response.status_code == 303
+    location = response.headers["location"]
+    assert location.startswith("http://127.0.0.1:45678/callback?")
+    query = dict(parse_qsl(urlsplit(location).query))
+    assert query["error"] == "access_denied"
+    assert query["state"] == "client-state-7"
+    assert query["iss"] == ISSUER
+    assert "code" not in query
+    assert BINDING_COOKIE not in set_cookies(response)
+    assert count(db, "oauth_pending_authorizations") == 0
+    assert upstream.calls["authorize"] == 0
+
+
+@pytest.mark.parametrize(
+    "cookies",
+    [{}, {CSRF_COOKIE: "another-token"}],
+    ids=["missing-cookie", "other-cookie"],
+)
+def test_consent_csrf_mismatch(
+    db: ScratchDatabase, upstream: UpstreamServer, cookies: dict[str, str]
+) -> None:
+    async def scenario() -> list[Response]:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            url = await h.provider.authorize(client, params())
+            _, fields = await open_consent(h, url)
+            return [
+                await h.provider.handle_consent(
+                    form_request({**fields, "decision": decision}, cookies)
+                )
+                for decision in ("approve", "deny")
+            ]
+
+    responses = run(scenario)
+
+    assert [response.status_code for response in responses] == [400, 400]
+    assert all(BINDING_COOKIE not in set_cookies(r) for r in responses)
+    assert [row[1:] for row in pending_rows(db)] == [(False, None)]
+
+
+def test_consent_form_without_token(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    async def scenario() -> Response:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            url = await h.provider.authorize(client, params())
+            _, fields = await open_consent(h, url)
+            csrf = fields.pop("csrf_token")
+            return await h.provider.handle_consent(
+                form_request({**fields, "decision": "approve"}, {CSRF_COOKIE: csrf})
+            )
+
+    response = run(scenario)
+
+    assert response.status_code == 400
+    assert [row[1:] for row in pending_rows(db)] == [(False, None)]
+
+
+def test_consent_unknown_decision(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    async def scenario() -> Response:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            url = await h.provider.authorize(client, params())
+            return await answer(h, url, "maybe")
+
+    response = run(scenario)
+
+    assert response.status_code == 400
+    assert [row[1:] for row in pending_rows(db)] == [(False, None)]
+
+
+def test_consent_expired_request(db: ScratchDatabase, upstream: UpstreamServer) -> None:
+    async def scenario() -> list[Response]:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            url = await h.provider.authorize(client, params())
+            _, fields = await open_consent(h, url)
+            with db.connect() as conn:
+                conn.execute(
+                    "UPDATE oauth_pending_authorizations "
+                    "SET expires_at = now() - interval '1 second'"
+                )
+            query = dict(parse_qsl(urlsplit(url).query))
+            cookies = {CSRF_COOKIE: fields["csrf_token"]}
+            return [
+                await h.provider.consent_page(get_request(CONSENT_PATH, query)),
+                await h.provider.handle_consent(
+                    form_request({**fields, "decision": "approve"}, cookies)
+                ),
+                await h.provider.handle_consent(
+                    form_request({**fields, "decision": "deny"}, cookies)
+                ),
+            ]
+
+    responses = run(scenario)
+
+    assert [response.status_code for response in responses] == [400] * 3
+    assert b"has expired or was already answered" in responses[0].body
+    assert responses[0].headers["x-frame-options"] == "DENY"
+    assert [row[1:] for row in pending_rows(db)] == [(False, None)]
+    assert upstream.calls["authorize"] == 0
+
+
+def test_consent_answered_once(db: ScratchDatabase, upstream: UpstreamServer) -> None:
+    async def scenario() -> list[Response]:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            url = await h.provider.authorize(client, params())
+            _, fields = await open_consent(h, url)
+            cookies = {CSRF_COOKIE: fields["csrf_token"]}
+            query = dict(parse_qsl(urlsplit(url).query))
+            return [
+                await h.provider.handle_consent(
+                    form_request({**fields, "decision": decision}, cookies)
+                )
+                for decision in ("approve", "approve", "deny")
+            ] + [await h.provider.consent_page(get_request(CONSENT_PATH, query))]
+
+    responses = run(scenario)
+
+    assert [response.status_code for response in responses] == [303, 400, 400, 400]
+    assert [row[1] for row in pending_rows(db)] == [True]
+
+
+@pytest.mark.parametrize("cookie", [None, "wrong"], ids=["missing", "wrong"])
+def test_callback_needs_binding_cookie(
+    db: ScratchDatabase,
+    upstream: UpstreamServer,
+    caplog: pytest.LogCaptureFixture,
+    cookie: str | None,
+) -> None:
+    async def scenario() -> tuple[dict[str, str], Response, Response]:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            query = await upstream_callback(h, client)
+            value = new_token(TokenKind.STATE) if cookie == "wrong" else None
+            rejected = await h.provider.handle_callback(callback_request(query, value))
+            assert count(db, "oauth_pending_authorizations") == 1
+            assert upstream.calls["token"] == 0
+            accepted = await h.provider.handle_callback(callback_request(query))
+            return query, rejected, accepted
+
+    caplog.set_level("INFO")
+    query, rejected, accepted = run(scenario)
+
+    assert rejected.status_code == 400
+    assert b"approved in another browser" in rejected.body
+    assert set_cookies(rejected) == {}
+    assert accepted.status_code == 302
+    assert set_cookies(accepted)[BINDING_COOKIE]["max-age"] == "0"
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert any("client-a" in r.getMessage() for r in warnings)
+    logged = "\n".join(
+        r.getMessage() for r in caplog.records if r.name.startswith("mcp_authdb")
+    )
+    assert query["state"] not in logged
+    assert query["code"] not in logged
+    assert BINDINGS[query["state"]] not in logged
+
+
+def test_confused_deputy_link_rejected(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    """The attacker approves its own request and sends the upstream link on."""
+
+    async def scenario() -> Response:
+        async with harness(db, upstream) as h:
+            attacker = await register_attacker(h)
+            url = await h.provider.authorize(
+                attacker, params(redirect_uri=ATTACKER_REDIRECT)
+            )
+            approved = await answer(h, url)
+            link = approved.headers["location"]
+            # The victim's browser: signed in upstream, without the attacker's
+            # binding cookie.
+            query = await asyncio.to_thread(upstream.authorize, link)
+            return await h.provider.handle_callback(callback_request(query, None))
+
+    response = run(scenario)
+
+    assert response.status_code == 400
+    assert "location" not in response.headers
+    assert count(db, "oauth_codes") == 0
+    assert upstream.calls["token"] == 0
+
+
+def test_confused_deputy_consent_denied(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    """The attacker sends the consent link; the victim sees the host and denies."""
+
+    async def scenario() -> tuple[Response, Response]:
+        async with harness(db, upstream) as h:
+            attacker = await register_attacker(h)
+            url = await h.provider.authorize(
+                attacker, params(redirect_uri=ATTACKER_REDIRECT)
+            )
+            page, _ = await open_consent(h, url)
+            return page, await answer(h, url, "deny")
+
+    page, denied = run(scenario)
+
+    assert b'<p class="host">attacker.invalid</p>' in page.body
+    location = denied.headers["location"]
+    assert location.startswith(ATTACKER_REDIRECT + "?error=access_denied")
+    assert "code=" not in location
+    assert count(db, "oauth_codes") == 0
+    assert upstream.calls["authorize"] == 0

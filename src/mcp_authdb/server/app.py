@@ -18,6 +18,9 @@ observability, and adjusts the SDK's routes:
   parameter (RFC 8707) naming another resource with 400 ``invalid_target``;
 - ``/authorize`` (its POST form) and ``/revoke`` reject bodies over the same
   limit with 413;
+- ``/oauth/consent`` is the page where users approve or deny a client before
+  they go to the upstream provider (its POST form rejects bodies over the
+  same limit with 413);
 - ``/oauth/callback`` is where the upstream provider sends users back;
 - ``/health`` and ``/metrics``; in development mode, ``/dev/*`` is the
   built-in identity provider.
@@ -96,6 +99,7 @@ from mcp_authdb.db.pool import AsyncDatabase, Operation, Query
 from mcp_authdb.errors import AuthDBError
 from mcp_authdb.server.client_metadata import ClientMetadataFetcher
 from mcp_authdb.server.config import CALLBACK_PATH, ServerConfig
+from mcp_authdb.server.consent import CONSENT_PATH
 from mcp_authdb.server.crypto import Encryptor
 from mcp_authdb.server.dev_idp import dev_idp_routes
 from mcp_authdb.server.oauth_store import OAuthStore, cleanup_operation
@@ -420,6 +424,12 @@ def _routes(
     async def callback(request: Request) -> Response:
         return await runtime.require_provider().handle_callback(request)
 
+    async def consent_page(request: Request) -> Response:
+        return await runtime.require_provider().consent_page(request)
+
+    async def consent_decision(request: Request) -> Response:
+        return await runtime.require_provider().handle_consent(request)
+
     routes: list[BaseRoute] = [
         _get_route(
             AUTHORIZATION_SERVER_METADATA_PATH,
@@ -461,6 +471,14 @@ def _routes(
             methods=["POST", "OPTIONS"],
         ),
         by_path[config.mcp_path],
+        Route(CONSENT_PATH, endpoint=consent_page, methods=["GET"]),
+        Route(
+            CONSENT_PATH,
+            endpoint=_BodyLimitedGuard(
+                request_response(consent_decision), config, limit
+            ),
+            methods=["POST"],
+        ),
         Route(CALLBACK_PATH, endpoint=callback, methods=["GET"]),
         Route(
             "/health",

@@ -10,8 +10,9 @@ Every statement is written once, as an operation for
   (``kind = 'registered'``) and cached Client ID Metadata Documents
   (``kind = 'metadata_document'``).
 - ``oauth_pending_authorizations``: what ``/authorize`` stores until the
-  upstream provider redirects back, keyed by the hash of the upstream
-  ``state``.
+  upstream provider redirects back: keyed by the hash of the consent request
+  id until the user approves the client, then by the hash of the upstream
+  ``state``, with the hash of the approving browser's binding cookie.
 - ``oauth_codes``: authorization codes given to clients, keyed by hash,
   single use. A used code stays, marked with the session family it created,
   until it expires, so that a second use can revoke that family.
@@ -249,6 +250,7 @@ VALUES (%s, %s, %s, %s, %s, %s::text[], %s, %s, %s, %s)
 _TAKE_PENDING = """
 DELETE FROM oauth_pending_authorizations
 WHERE state_hash = ANY(%s::text[])
+  AND consented_at IS NULL
   AND expires_at > now()
 RETURNING state_hash, client_id, redirect_uri, redirect_uri_provided_explicitly,
           client_state, scopes, code_challenge, resource,
@@ -634,12 +636,14 @@ class OAuthStore:
         )
 
     async def take_pending(self, state: str) -> PendingAuthorization | None:
-        """Delete and return the pending authorization of ``state``.
+        """Delete and return the pending authorization of ``state``, not yet approved.
 
         Returns None when there is none, when it has expired, when it was
         taken already, or when ``state`` is not a well-formed state token
         (then without a database call). Of concurrent calls with one state,
-        at most one gets the authorization.
+        at most one gets the authorization. An approved authorization is
+        never returned: only the consent step's take, which checks the
+        browser binding of the approval, may use one up.
         """
         candidates = self.hasher.candidates(state, TokenKind.STATE)
         if not candidates:
@@ -648,7 +652,14 @@ class OAuthStore:
         row = await self.database.run(lambda: take_pending_operation(candidates))
         if row is None:
             return None
+        return self.pending_from_row(row)
 
+    def pending_from_row(self, row: Sequence[Any]) -> PendingAuthorization:
+        """Build a pending authorization from a row that ``_TAKE_PENDING`` returns.
+
+        The row's columns are those of its ``RETURNING`` clause, in order;
+        the upstream verifier is decrypted under the row's key.
+        """
         (state_hash, client_id, redirect_uri, explicit, client_state, scopes,
          code_challenge, resource, verifier_encrypted, expires_at) = row  # fmt: skip
         verifier = self.encryptor.decrypt(

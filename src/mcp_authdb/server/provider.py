@@ -8,8 +8,11 @@ replica serves every request and a restart loses nothing:
   secret encrypted) or from Client ID Metadata Documents (an https URL as
   ``client_id``, see :mod:`mcp_authdb.server.client_metadata`);
 - ``/authorize`` stores a pending authorization and sends the user to the
-  upstream provider; :meth:`AuthDBProvider.handle_callback` takes it back when
-  the upstream redirects to ``/oauth/callback``, and gives the client an
+  consent page ``/oauth/consent`` (see :mod:`mcp_authdb.server.consent`),
+  where approving binds the sign-in to the browser with a cookie and sends
+  the user to the upstream provider; :meth:`AuthDBProvider.handle_callback`
+  takes the authorization back when the upstream redirects to
+  ``/oauth/callback`` in that browser, and gives the client an
   authorization code;
 - the code exchange creates a user session (the session store's token pair)
   and the grant of its family in one transaction;
@@ -18,7 +21,7 @@ replica serves every request and a restart loses nothing:
   and replay detection.
 
 Logs name client ids, user ids and family ids, never a token, code, state,
-client secret or PKCE verifier.
+client secret, PKCE verifier, consent request id or cookie.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import dataclasses
 import html
 import logging
 import re
+import secrets
 import uuid
 from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
@@ -50,11 +54,13 @@ from mcp.shared.auth import (
     OAuthToken,
 )
 from pydantic import AnyUrl, ValidationError
+from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from mcp_authdb.db.pool import Operation, Query
 from mcp_authdb.errors import InvalidGrantError, InvalidValueError
+from mcp_authdb.server import consent
 from mcp_authdb.server.client_metadata import (
     ClientMetadataFetcher,
     contains_nul,
@@ -68,7 +74,11 @@ from mcp_authdb.server.oauth_store import (
     is_storable_client_id,
 )
 from mcp_authdb.server.redirects import match_redirect_uri, redirect_uri_problem
-from mcp_authdb.server.upstream import UpstreamClient, UpstreamError, new_pkce_pair
+from mcp_authdb.server.upstream import (
+    UpstreamClient,
+    UpstreamError,
+    pkce_s256_challenge,
+)
 from mcp_authdb.store.session_store import AsyncSessionStore
 from mcp_authdb.store.sessions import Session
 from mcp_authdb.store.tokens import TokenKind, new_token
@@ -285,6 +295,8 @@ class AuthDBProvider(
         self.upstream = upstream
         self.documents = documents
         self.settings = settings
+        self.consents = consent.ConsentStore(store)
+        self._secure_cookies = settings.issuer.startswith("https://")
         self._grants: collections.OrderedDict[uuid.UUID, _GrantFacts] = (
             collections.OrderedDict()
         )
@@ -394,7 +406,11 @@ class AuthDBProvider(
     async def authorize(
         self, client: OAuthClientInformationFull, params: AuthorizationParams
     ) -> str:
-        """Store a pending authorization; return the upstream's authorize URL.
+        """Store a pending authorization; return the URL of its consent page.
+
+        The URL is :data:`~mcp_authdb.server.consent.CONSENT_PATH` on the
+        issuer, with a new consent request id that the pending authorization
+        is stored under until the user approves or denies it.
 
         ``params.resource`` must name :attr:`ProviderSettings.resource`
         (ignoring one trailing slash); a request without one gets it.
@@ -409,8 +425,7 @@ class AuthDBProvider(
         scopes = self._requested_scopes(client, params.scopes)
         _check_authorize_text(params)
 
-        state = new_token(TokenKind.STATE)
-        verifier, challenge = new_pkce_pair()
+        request_id = new_token(TokenKind.STATE)
         pending = PendingAuthorization(
             client_id=client.client_id,
             redirect_uri=str(params.redirect_uri),
@@ -419,17 +434,18 @@ class AuthDBProvider(
             scopes=scopes,
             code_challenge=params.code_challenge,
             resource=resource,
-            upstream_verifier=verifier,
+            # Never sent upstream: approval replaces it with a new verifier.
+            upstream_verifier=secrets.token_urlsafe(32),
             expires_at=datetime.now(UTC) + self.settings.pending_lifetime,
         )
-        await self.store.put_pending(state, pending)
+        await self.store.put_pending(request_id, pending)
 
         logger.info(
             "client %s started a sign-in",
             client.client_id,
             extra={"action": "oauth.authorize", "client_id": client.client_id},
         )
-        return self.upstream.authorization_url(state=state, code_challenge=challenge)
+        return consent.consent_url(self.settings.issuer, request_id)
 
     def _check_resource(self, resource: str | None) -> str:
         expected = self.settings.resource
@@ -459,12 +475,139 @@ class AuthDBProvider(
             )
         return tuple(dict.fromkeys(scopes))
 
+    # Consent
+
+    async def consent_page(self, request: Request) -> Response:
+        """Show the consent page of the consent request in ``?request=`` (GET).
+
+        The page names the client, the host of the redirect URI that the
+        code goes to, and the scopes, and sets the CSRF cookie that its form
+        must match. An unknown, expired, approved or denied request gets
+        HTTP 400.
+        """
+        request_id = request.query_params.get(consent.REQUEST_FIELD)
+        found = await self.consents.find(request_id)
+        if found is None:
+            return _consent_error(request, "invalid_request", _EXPIRED_CONSENT)
+
+        client = await self.get_client(found.client_id)
+        csrf_token = consent.new_csrf_token()
+        assert request_id is not None  # find() returns None for a missing id
+        response = consent.consent_page(
+            client_id=found.client_id,
+            client_name=client.client_name if client is not None else None,
+            redirect_uri=found.redirect_uri,
+            scopes=found.scopes,
+            request_id=request_id,
+            csrf_token=csrf_token,
+        )
+        consent.set_csrf_cookie(
+            response,
+            csrf_token,
+            secure=self._secure_cookies,
+            lifetime=self.settings.pending_lifetime,
+        )
+        return response
+
+    async def handle_consent(self, request: Request) -> Response:
+        """Apply the user's decision from the consent form (POST).
+
+        The form's CSRF token must equal the CSRF cookie, else HTTP 400 and
+        nothing changes. Deny deletes the pending authorization and sends
+        the user to the client with ``error=access_denied``. Approve sets
+        the browser binding cookie and sends the user (303) to the upstream
+        provider. A request that is unknown, expired, approved or denied
+        already gets HTTP 400.
+        """
+        async with request.form(max_files=0, max_fields=10) as form:
+            fields = {
+                name: value for name, value in form.items() if isinstance(value, str)
+            }
+        if not consent.csrf_token_matches(
+            request.cookies.get(consent.CSRF_COOKIE), fields.get(consent.CSRF_FIELD)
+        ):
+            logger.warning(
+                "rejected a consent form whose CSRF token is missing or does not "
+                "match the cookie",
+                extra={"action": "oauth.consent.csrf_mismatch"},
+            )
+            return _consent_error(
+                request,
+                "invalid_request",
+                "This consent form was not sent from this server's consent page, "
+                "or its page has expired. Start the sign-in again from your MCP "
+                "client.",
+            )
+
+        request_id = fields.get(consent.REQUEST_FIELD)
+        decision = fields.get(consent.DECISION_FIELD)
+        if decision == consent.DENY:
+            response = await self._deny(request, request_id)
+        elif decision == consent.APPROVE:
+            response = await self._approve(request, request_id)
+        else:
+            return _consent_error(
+                request,
+                "invalid_request",
+                f"The consent form's decision must be {consent.APPROVE!r} or "
+                f"{consent.DENY!r}.",
+            )
+        consent.clear_csrf_cookie(response, secure=self._secure_cookies)
+        return response
+
+    async def _deny(self, request: Request, request_id: str | None) -> Response:
+        denied = await self.consents.deny(request_id)
+        if denied is None:
+            return _consent_error(request, "invalid_request", _EXPIRED_CONSENT)
+        logger.info(
+            "the user denied client %s",
+            denied.client_id,
+            extra={"action": "oauth.consent.denied", "client_id": denied.client_id},
+        )
+        target = construct_redirect_uri(
+            denied.redirect_uri,
+            error="access_denied",
+            error_description="the user denied the request",
+            state=denied.client_state,
+            iss=self.settings.issuer,
+        )
+        return RedirectResponse(target, 303, headers={"Cache-Control": "no-store"})
+
+    async def _approve(self, request: Request, request_id: str | None) -> Response:
+        binding = consent.new_binding()
+        approved = await self.consents.approve(request_id, binding)
+        if approved is None:
+            return _consent_error(request, "invalid_request", _EXPIRED_CONSENT)
+        logger.info(
+            "the user approved client %s",
+            approved.client_id,
+            extra={"action": "oauth.consent.approved", "client_id": approved.client_id},
+        )
+        target = self.upstream.authorization_url(
+            state=approved.state,
+            code_challenge=pkce_s256_challenge(approved.upstream_verifier),
+        )
+        response = RedirectResponse(target, 303, headers={"Cache-Control": "no-store"})
+        consent.set_binding_cookie(
+            response,
+            binding,
+            secure=self._secure_cookies,
+            lifetime=self.settings.pending_lifetime,
+        )
+        return response
+
+    # Callback
+
     async def handle_callback(self, request: Request) -> Response:
         """Finish a sign-in when the upstream redirects back (``/oauth/callback``).
 
-        The pending authorization is taken (deleted) by the ``state``
-        parameter. A missing, unknown, expired or used state gets HTTP 400
-        and changes nothing. When the upstream sent ``error``, the user goes
+        The approved pending authorization is taken (deleted) by the
+        ``state`` parameter and the browser binding cookie that approving it
+        set. A missing, unknown, expired or used state, and a missing cookie
+        or one that does not match, get HTTP 400 and change nothing, so a
+        sign-in link opened in another browser than the one that approved it
+        issues no code. Every other response deletes the cookie. When the
+        upstream sent ``error``, the user goes
         back to the client with ``error=access_denied``; when exchanging the
         code or reading userinfo fails, with ``error=server_error``. Otherwise
         this stores a new authorization code and redirects to the client with
@@ -472,8 +615,20 @@ class AuthDBProvider(
         """
         query = request.query_params
         state = query.get("state")
-        pending = await self.store.take_pending(state) if state else None
+        binding = request.cookies.get(consent.BINDING_COOKIE)
+        pending = await self.consents.take(state, binding)
         if pending is None:
+            return await self._reject_callback(request, state, binding)
+
+        response = await self._finish_callback(query, pending)
+        consent.clear_binding_cookie(response, secure=self._secure_cookies)
+        return response
+
+    async def _reject_callback(
+        self, request: Request, state: str | None, binding: str | None
+    ) -> Response:
+        client_id = await self.consents.approved_client(state)
+        if client_id is None:
             logger.info(
                 "rejected an upstream callback with a missing, unknown, expired "
                 "or already used state",
@@ -486,6 +641,30 @@ class AuthDBProvider(
                 "sign-in again from your MCP client.",
             )
 
+        problem = (
+            "sent no sign-in cookie"
+            if binding is None
+            else "sent the sign-in cookie of another sign-in"
+        )
+        logger.warning(
+            "rejected the upstream callback of client %s: the browser %s, so the "
+            "link was opened in a browser other than the one that approved it, "
+            "perhaps sent by someone else",
+            client_id,
+            problem,
+            extra={"action": "oauth.callback.binding_mismatch", "client_id": client_id},
+        )
+        return _callback_error_page(
+            request,
+            "invalid_request",
+            "This sign-in was approved in another browser. Start the sign-in "
+            "again from your MCP client, and approve it in this browser.",
+        )
+
+    async def _finish_callback(
+        self, query: QueryParams, pending: PendingAuthorization
+    ) -> Response:
+        """Issue the code of a taken authorization, or redirect its error."""
         upstream_error = query.get("error")
         if upstream_error is not None:
             code = upstream_error if _ERROR_CODE.fullmatch(upstream_error) else "?"
@@ -897,15 +1076,35 @@ def _same_resource(first: str, second: str) -> bool:
     return first.removesuffix("/") == second.removesuffix("/")
 
 
-def _callback_error_page(request: Request, error: str, message: str) -> Response:
+_EXPIRED_CONSENT = (
+    "This consent request has expired or was already answered. Start the "
+    "sign-in again from your MCP client."
+)
+
+
+def _consent_error(request: Request, error: str, message: str) -> Response:
+    """Return HTTP 400 for the consent page, which may not be framed either."""
+    return _callback_error_page(
+        request, error, message, headers=consent.PAGE_HEADERS, title="Consent failed"
+    )
+
+
+def _callback_error_page(
+    request: Request,
+    error: str,
+    message: str,
+    *,
+    headers: dict[str, str] | None = None,
+    title: str = "Sign-in failed",
+) -> Response:
     """Return HTTP 400 as JSON to clients that ask for it, else as HTML."""
-    headers = {"Cache-Control": "no-store"}
+    headers = dict(headers or {"Cache-Control": "no-store"})
     if "application/json" in request.headers.get("accept", ""):
         body = {"error": error, "error_description": message}
         return JSONResponse(body, status_code=400, headers=headers)
     page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>Sign-in failed"
-        f"</title></head><body><h1>Sign-in failed</h1><p>{html.escape(message)}"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}"
+        f"</title></head><body><h1>{title}</h1><p>{html.escape(message)}"
         "</p></body></html>"
     )
     return HTMLResponse(page, status_code=400, headers=headers)

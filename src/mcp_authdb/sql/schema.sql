@@ -270,8 +270,11 @@ CREATE TABLE IF NOT EXISTS oauth_pending_authorizations (
     code_challenge varchar(128) NOT NULL,
     resource text NOT NULL,
     upstream_verifier_encrypted bytea NOT NULL,
+    binding_hash varchar(255),
+    consented_at timestamp with time zone,
     expires_at timestamp with time zone NOT NULL,
-    created_at timestamp with time zone NOT NULL DEFAULT now()
+    created_at timestamp with time zone NOT NULL DEFAULT now(),
+    CHECK ((binding_hash IS NULL) = (consented_at IS NULL))
 );
 
 CREATE INDEX IF NOT EXISTS idx_oauth_pending_expires

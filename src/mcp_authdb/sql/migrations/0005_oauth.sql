@@ -9,8 +9,11 @@
 -- is set by the client's first code exchange.
 --
 -- oauth_pending_authorizations holds an authorization request until the
--- upstream provider redirects back, keyed by the keyed hash of the upstream
--- state. oauth_codes holds the authorization codes given to clients, keyed by
+-- upstream provider redirects back. Until the user approves it on the consent
+-- page it is keyed by the keyed hash of its consent request id, and
+-- consented_at and binding_hash are NULL. Approval re-keys it by the keyed
+-- hash of the upstream state, sets consented_at, and stores the keyed hash of
+-- the browser binding cookie in binding_hash. oauth_codes holds the authorization codes given to clients, keyed by
 -- their keyed hash and used once: the exchange sets used_at and the family_id
 -- of the session it created, and the row stays until it expires, so that a
 -- second use of the code can revoke that family. oauth_grants holds, for each
@@ -60,8 +63,11 @@ CREATE TABLE IF NOT EXISTS oauth_pending_authorizations (
     code_challenge varchar(128) NOT NULL,
     resource text NOT NULL,
     upstream_verifier_encrypted bytea NOT NULL,
+    binding_hash varchar(255),
+    consented_at timestamp with time zone,
     expires_at timestamp with time zone NOT NULL,
-    created_at timestamp with time zone NOT NULL DEFAULT now()
+    created_at timestamp with time zone NOT NULL DEFAULT now(),
+    CHECK ((binding_hash IS NULL) = (consented_at IS NULL))
 );
 
 CREATE INDEX IF NOT EXISTS idx_oauth_pending_expires
