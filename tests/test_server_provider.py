@@ -42,6 +42,7 @@ from starlette.routing import Route
 
 from mcp_authdb.db import resolve_target
 from mcp_authdb.db.pool import AsyncDatabase
+from mcp_authdb.server import consent as consent_module
 from mcp_authdb.server.client_metadata import ClientMetadataFetcher
 from mcp_authdb.server.consent import BINDING_COOKIE, CONSENT_PATH, CSRF_COOKIE
 from mcp_authdb.server.crypto import Encryptor
@@ -188,7 +189,11 @@ def get_request(
     )
 
 
-def form_request(fields: dict[str, str], cookies: dict[str, str]) -> Request:
+def form_request(
+    fields: dict[str, str],
+    cookies: dict[str, str],
+    extra_headers: dict[str, str] | None = None,
+) -> Request:
     body = urlencode(fields).encode()
 
     async def receive() -> dict[str, Any]:
@@ -198,6 +203,10 @@ def form_request(fields: dict[str, str], cookies: dict[str, str]) -> Request:
         (b"content-type", b"application/x-www-form-urlencoded"),
         (b"content-length", str(len(body)).encode()),
         *cookie_header(cookies),
+        *[
+            (name.lower().encode(), value.encode())
+            for name, value in (extra_headers or {}).items()
+        ],
     ]
     scope = {
         "type": "http",
@@ -1444,6 +1453,71 @@ def test_consent_csrf_mismatch(
     assert [row[1:] for row in pending_rows(db)] == [(False, None)]
 
 
+@pytest.mark.parametrize(
+    ("headers", "accepted"),
+    [
+        ({"Origin": "https://evil.example"}, False),
+        ({"Sec-Fetch-Site": "cross-site"}, False),
+        ({"Sec-Fetch-Site": "same-site"}, False),
+        ({"Origin": "null"}, False),
+        ({"Origin": ISSUER, "Sec-Fetch-Site": "same-origin"}, True),
+        ({"Origin": ISSUER}, True),
+    ],
+)
+def test_consent_post_from_another_site(
+    db: ScratchDatabase,
+    upstream: UpstreamServer,
+    headers: dict[str, str],
+    accepted: bool,
+) -> None:
+    # The CSRF cookie may have been planted in the victim's browser; the
+    # browser's own origin headers still give a cross-site form away.
+    async def scenario() -> Response:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            url = await h.provider.authorize(client, params())
+            _, fields = await open_consent(h, url)
+            return await h.provider.handle_consent(
+                form_request(
+                    {**fields, "decision": "approve"},
+                    {CSRF_COOKIE: fields["csrf_token"]},
+                    headers,
+                )
+            )
+
+    response = run(scenario)
+
+    assert response.status_code == (303 if accepted else 400)
+    assert (BINDING_COOKIE in set_cookies(response)) is accepted
+
+
+def test_consent_token_of_another_request(
+    db: ScratchDatabase, upstream: UpstreamServer
+) -> None:
+    async def scenario() -> Response:
+        async with harness(db, upstream) as h:
+            client = await register(h)
+            _, first = await open_consent(
+                h, await h.provider.authorize(client, params())
+            )
+            _, other = await open_consent(
+                h, await h.provider.authorize(client, params())
+            )
+            # The token and cookie of the first page, sent for the other request.
+            return await h.provider.handle_consent(
+                form_request(
+                    {**other, "csrf_token": first["csrf_token"], "decision": "approve"},
+                    {CSRF_COOKIE: first["csrf_token"]},
+                )
+            )
+
+    response = run(scenario)
+
+    assert response.status_code == 400
+    assert BINDING_COOKIE not in set_cookies(response)
+    assert [row[1:] for row in pending_rows(db)] == [(False, None), (False, None)]
+
+
 def test_consent_form_without_token(
     db: ScratchDatabase, upstream: UpstreamServer
 ) -> None:
@@ -1615,3 +1689,20 @@ def test_confused_deputy_consent_denied(
     assert "code=" not in location
     assert count(db, "oauth_codes") == 0
     assert upstream.calls["authorize"] == 0
+
+
+@pytest.mark.parametrize(
+    ("redirect_uri", "shown"),
+    [
+        ("https://client.example/cb", "client.example"),
+        ("https://client.example:8443/cb", "client.example:8443"),
+        ("http://127.0.0.1:5000/callback", "127.0.0.1:5000"),
+        ("http://[::1]:5000/callback", "[::1]:5000"),
+        ("com.example.app:/callback", "com.example.app:"),
+        # The app registered for the scheme gets the code, not the named host.
+        ("web+evil://claude.ai/callback", "web+evil:"),
+        ("com.evil.app://trusted.example.com/cb", "com.evil.app:"),
+    ],
+)
+def test_consent_names_what_receives_the_code(redirect_uri: str, shown: str) -> None:
+    assert consent_module.redirect_target(redirect_uri) == shown

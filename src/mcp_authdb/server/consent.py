@@ -28,9 +28,10 @@ are tokens of ``new_token(TokenKind.STATE)``, stored as keyed hashes only.
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import html
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -71,7 +72,9 @@ PAGE_HEADERS = {
         "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; "
         "frame-ancestors 'none'"
     ),
-    "Referrer-Policy": "no-referrer",
+    # same-origin, not no-referrer: under no-referrer a browser sends the
+    # form's POST with "Origin: null", and the POST's origin check needs it.
+    "Referrer-Policy": "same-origin",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
 }
@@ -260,16 +263,54 @@ def new_binding() -> str:
     return new_token(TokenKind.STATE)
 
 
-def new_csrf_token() -> str:
-    """Return a new CSRF token for the consent form and :data:`CSRF_COOKIE`."""
-    return secrets.token_urlsafe(32)
+def new_csrf_token(key: bytes, request_id: str) -> str:
+    """Return a CSRF token for the consent form and :data:`CSRF_COOKIE`.
+
+    A random part and its HMAC under ``key`` with ``request_id``, so that a
+    token the page of one consent request gave cannot approve another.
+    """
+    nonce = secrets.token_urlsafe(16)
+    return f"{nonce}.{_csrf_mac(key, request_id, nonce)}"
 
 
-def csrf_token_matches(cookie: str | None, field: str | None) -> bool:
-    """Return whether the form's CSRF token is present and equals the cookie's."""
-    if not cookie or not field:
+def csrf_token_matches(
+    key: bytes, request_id: str | None, cookie: str | None, field: str | None
+) -> bool:
+    """Return whether the form's CSRF token equals the cookie's and fits the request.
+
+    Both must be present and equal, and the token must have been made by
+    :func:`new_csrf_token` with ``key`` for ``request_id``.
+    """
+    if not cookie or not field or not request_id:
         return False
-    return secrets.compare_digest(cookie.encode(), field.encode())
+    if not secrets.compare_digest(cookie.encode(), field.encode()):
+        return False
+    nonce, _, mac = field.partition(".")
+    expected = _csrf_mac(key, request_id, nonce)
+    return secrets.compare_digest(mac.encode(), expected.encode())
+
+
+def _csrf_mac(key: bytes, request_id: str, nonce: str) -> str:
+    message = f"{request_id}\n{nonce}".encode("utf-8", "replace")
+    return hmac.new(key, message, "sha256").hexdigest()
+
+
+def is_same_origin_post(headers: Mapping[str, str], issuer: str) -> bool:
+    """Return whether a browser says this POST came from a page of ``issuer``.
+
+    ``Sec-Fetch-Site``, when sent, must be ``same-origin``; else ``Origin``,
+    when sent, must be the issuer's origin. A request with neither header
+    (not from a browser, or a very old one) passes, and the CSRF token still
+    has to match. This stops a form on another site from submitting the
+    consent, even in a browser where an attacker planted the CSRF cookie.
+    """
+    fetch_site = headers.get("sec-fetch-site")
+    if fetch_site is not None:
+        return fetch_site == "same-origin"
+    origin = headers.get("origin")
+    if origin is not None:
+        return origin == issuer.rstrip("/")
+    return True
 
 
 def set_binding_cookie(
@@ -331,14 +372,19 @@ def consent_url(issuer: str, request_id: str) -> str:
 
 
 def redirect_target(redirect_uri: str) -> str:
-    """Return the host that a redirect URI sends the code to, for the page.
+    """Return what receives the code of a redirect URI, for the page.
 
-    A URI without a host, such as ``com.example.app:/callback``, gives its
-    scheme followed by ``:``, which names the app that receives it.
+    An http or https URI gives its host, with the port when it has one. Any
+    other URI, such as ``com.example.app:/callback`` or
+    ``web+app://example.com/cb``, gives its scheme followed by ``:``: the app
+    registered for that scheme receives the code, whatever host the URI names.
     """
     parts = urlsplit(redirect_uri)
-    if parts.hostname:
-        return parts.hostname
+    if parts.scheme in ("http", "https") and parts.hostname:
+        host = parts.hostname
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{host}:{parts.port}" if parts.port else host
     return f"{parts.scheme}:"
 
 

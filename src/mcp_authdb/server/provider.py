@@ -297,6 +297,7 @@ class AuthDBProvider(
         self.settings = settings
         self.consents = consent.ConsentStore(store)
         self._secure_cookies = settings.issuer.startswith("https://")
+        self._csrf_key = store.encryptor.derive_key("consent form CSRF tokens")
         self._grants: collections.OrderedDict[uuid.UUID, _GrantFacts] = (
             collections.OrderedDict()
         )
@@ -491,8 +492,8 @@ class AuthDBProvider(
             return _consent_error(request, "invalid_request", _EXPIRED_CONSENT)
 
         client = await self.get_client(found.client_id)
-        csrf_token = consent.new_csrf_token()
         assert request_id is not None  # find() returns None for a missing id
+        csrf_token = consent.new_csrf_token(self._csrf_key, request_id)
         response = consent.consent_page(
             client_id=found.client_id,
             client_name=client.client_name if client is not None else None,
@@ -512,19 +513,39 @@ class AuthDBProvider(
     async def handle_consent(self, request: Request) -> Response:
         """Apply the user's decision from the consent form (POST).
 
-        The form's CSRF token must equal the CSRF cookie, else HTTP 400 and
-        nothing changes. Deny deletes the pending authorization and sends
-        the user to the client with ``error=access_denied``. Approve sets
+        A POST that a browser marks as sent from another site, or whose CSRF
+        token does not equal the CSRF cookie or was made for another consent
+        request, gets HTTP 400 and nothing changes. Deny deletes the pending
+        authorization and sends the user to the client with
+        ``error=access_denied``. Approve sets
         the browser binding cookie and sends the user (303) to the upstream
         provider. A request that is unknown, expired, approved or denied
         already gets HTTP 400.
         """
+        if not consent.is_same_origin_post(request.headers, self.settings.issuer):
+            logger.warning(
+                "rejected a consent form sent from another site (Origin %r, "
+                "Sec-Fetch-Site %r)",
+                request.headers.get("origin", "")[:200],
+                request.headers.get("sec-fetch-site", "")[:50],
+                extra={"action": "oauth.consent.cross_site"},
+            )
+            return _consent_error(
+                request,
+                "invalid_request",
+                "This consent form was sent from another site. Start the sign-in "
+                "again from your MCP client.",
+            )
+
         async with request.form(max_files=0, max_fields=10) as form:
             fields = {
                 name: value for name, value in form.items() if isinstance(value, str)
             }
         if not consent.csrf_token_matches(
-            request.cookies.get(consent.CSRF_COOKIE), fields.get(consent.CSRF_FIELD)
+            self._csrf_key,
+            fields.get(consent.REQUEST_FIELD),
+            request.cookies.get(consent.CSRF_COOKIE),
+            fields.get(consent.CSRF_FIELD),
         ):
             logger.warning(
                 "rejected a consent form whose CSRF token is missing or does not "
