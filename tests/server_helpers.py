@@ -23,9 +23,9 @@ from pydantic import AnyHttpUrl
 
 from mcp_authdb.server.consent import (
     BINDING_COOKIE,
-    BINDING_COOKIE_PATH,
     CONSENT_PATH,
     CSRF_COOKIE,
+    cookie_name,
 )
 
 # The token keys of servers whose sessions the test makes itself.
@@ -137,17 +137,21 @@ def answer_consent(
     page = http.get(f"{parts.path}?{parts.query}")
     assert page.status_code == 200, page.text
     action, fields = consent_form(consent_url, page.text)
-    csrf = page.cookies.get(CSRF_COOKIE)
+    # An https public URL gives __Host- cookies with the path /.
+    secure = cookie_name(CSRF_COOKIE, secure=True) in page.cookies
+    csrf_cookie = cookie_name(CSRF_COOKIE, secure=secure)
+    binding_cookie = cookie_name(BINDING_COOKIE, secure=secure)
+    csrf = page.cookies.get(csrf_cookie)
     assert csrf is not None, page.headers
     response = http.post(
         urlsplit(action).path,
         data={**fields, "decision": decision},
-        headers={"Cookie": f"{CSRF_COOKIE}={csrf}"},
+        headers={"Cookie": f"{csrf_cookie}={csrf}"},
     )
-    binding = response.cookies.get(BINDING_COOKIE)
+    binding = response.cookies.get(binding_cookie)
     if binding is not None:
-        http.cookies.delete(BINDING_COOKIE)
-        http.cookies.set(BINDING_COOKIE, binding, path=BINDING_COOKIE_PATH)
+        http.cookies.delete(binding_cookie)
+        http.cookies.set(binding_cookie, binding, path="/" if secure else "/oauth")
     return response
 
 

@@ -501,8 +501,8 @@ def test_authorize_redirects_to_consent(
     assert query["redirect_uri"] == [ISSUER + "/oauth/callback"]
     assert query["state"][0].startswith("mcpst_")
     cookie = approved.headers["set-cookie"]
-    assert "mcp_authdb_signin=" in cookie
-    assert "Path=/oauth" in cookie
+    assert cookie.startswith("__Host-mcp_authdb_signin=")
+    assert "Path=/;" in cookie
     assert "Secure" in cookie
     assert "HttpOnly" in cookie
     assert "SameSite=lax" in cookie

@@ -1381,27 +1381,38 @@ def test_consent_approve_binds_browser(
 def test_consent_cookies_secure_on_https(
     db: ScratchDatabase, upstream: UpstreamServer
 ) -> None:
+    # Over https both cookies carry the __Host- prefix, which browsers accept
+    # only with Secure, Path=/ and no Domain, so no other host can plant one.
     issuer = "https://mcp.example.com"
+    csrf_cookie = "__Host-" + CSRF_COOKIE
+    binding_cookie = "__Host-" + BINDING_COOKIE
 
-    async def scenario() -> tuple[Response, Response]:
+    async def scenario() -> tuple[Response, Response, Response]:
         async with harness(db, upstream, issuer=issuer) as h:
             client = await register(h)
             url = await h.provider.authorize(client, params())
             query = dict(parse_qsl(urlsplit(url).query))
             page = await h.provider.consent_page(get_request(CONSENT_PATH, query))
             _, fields = consent_form(url, bytes(page.body).decode())
-            approved = await h.provider.handle_consent(
-                form_request(
-                    {**fields, "decision": "approve"},
-                    {CSRF_COOKIE: fields["csrf_token"]},
-                )
+            form = {**fields, "decision": "approve"}
+            # The unprefixed name, as a sibling host could set it, is ignored.
+            unprefixed = await h.provider.handle_consent(
+                form_request(form, {CSRF_COOKIE: fields["csrf_token"]})
             )
-            return page, approved
+            approved = await h.provider.handle_consent(
+                form_request(form, {csrf_cookie: fields["csrf_token"]})
+            )
+            return page, unprefixed, approved
 
-    page, approved = run(scenario)
+    page, unprefixed, approved = run(scenario)
 
-    assert set_cookies(page)[CSRF_COOKIE]["secure"] is True
-    assert set_cookies(approved)[BINDING_COOKIE]["secure"] is True
+    assert unprefixed.status_code == 400
+    assert approved.status_code == 303
+    for response, name in ((page, csrf_cookie), (approved, binding_cookie)):
+        cookie = set_cookies(response)[name]
+        assert cookie["secure"] is True
+        assert cookie["path"] == "/"
+        assert not cookie["domain"]
 
 
 def test_consent_deny(db: ScratchDatabase, upstream: UpstreamServer) -> None:

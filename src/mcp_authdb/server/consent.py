@@ -49,13 +49,16 @@ from mcp_authdb.store.tokens import TokenKind, new_token
 CONSENT_PATH = "/oauth/consent"
 # The cookie that binds an approved sign-in to the browser that approved it.
 # Its path covers the consent page, which sets it, and the callback, which
-# reads it.
+# reads it. Over https both cookies get the __Host- prefix, which browsers
+# accept only with Secure, Path=/ and no Domain, so that no other host, a
+# sibling subdomain included, can plant one; see cookie_name().
 # NOTE: one cookie name serves every sign-in, so when one browser approves two
 # sign-ins before either returns, the first one's callback gets HTTP 400.
 BINDING_COOKIE = "mcp_authdb_signin"
 BINDING_COOKIE_PATH = "/oauth"
 # The cookie that the consent form's CSRF token must equal.
 CSRF_COOKIE = "mcp_authdb_consent_csrf"
+HOST_PREFIX = "__Host-"
 # The consent form's field names and the values of its two buttons.
 REQUEST_FIELD = "request"
 CSRF_FIELD = "csrf_token"
@@ -313,20 +316,34 @@ def is_same_origin_post(headers: Mapping[str, str], issuer: str) -> bool:
     return True
 
 
+def cookie_name(name: str, *, secure: bool) -> str:
+    """Return the name that cookie ``name`` has over https (``secure``) or http.
+
+    Over https it carries the ``__Host-`` prefix, which binds it to this
+    host. Plain http, on loopback only, cannot use the prefix.
+    """
+    return HOST_PREFIX + name if secure else name
+
+
+def _cookie_path(path: str, *, secure: bool) -> str:
+    # A __Host- cookie must have the path /.
+    return "/" if secure else path
+
+
 def set_binding_cookie(
     response: Response, binding: str, *, secure: bool, lifetime: timedelta
 ) -> None:
-    """Set :data:`BINDING_COOKIE` for the callback.
+    """Set the binding cookie (:data:`BINDING_COOKIE`) for the callback.
 
     ``SameSite=Lax``, because the upstream provider sends the browser back
     with a top-level GET from its own site, which Lax allows and Strict
     does not.
     """
     response.set_cookie(
-        BINDING_COOKIE,
+        cookie_name(BINDING_COOKIE, secure=secure),
         binding,
         max_age=int(lifetime.total_seconds()),
-        path=BINDING_COOKIE_PATH,
+        path=_cookie_path(BINDING_COOKIE_PATH, secure=secure),
         secure=secure,
         httponly=True,
         samesite="lax",
@@ -334,10 +351,10 @@ def set_binding_cookie(
 
 
 def clear_binding_cookie(response: Response, *, secure: bool) -> None:
-    """Delete :data:`BINDING_COOKIE` from the browser."""
+    """Delete the binding cookie from the browser."""
     response.delete_cookie(
-        BINDING_COOKIE,
-        path=BINDING_COOKIE_PATH,
+        cookie_name(BINDING_COOKIE, secure=secure),
+        path=_cookie_path(BINDING_COOKIE_PATH, secure=secure),
         secure=secure,
         httponly=True,
         samesite="lax",
@@ -347,12 +364,12 @@ def clear_binding_cookie(response: Response, *, secure: bool) -> None:
 def set_csrf_cookie(
     response: Response, token: str, *, secure: bool, lifetime: timedelta
 ) -> None:
-    """Set :data:`CSRF_COOKIE`, sent only with same-site requests to the page."""
+    """Set the CSRF cookie (:data:`CSRF_COOKIE`), sent only with same-site requests."""
     response.set_cookie(
-        CSRF_COOKIE,
+        cookie_name(CSRF_COOKIE, secure=secure),
         token,
         max_age=int(lifetime.total_seconds()),
-        path=CONSENT_PATH,
+        path=_cookie_path(CONSENT_PATH, secure=secure),
         secure=secure,
         httponly=True,
         samesite="strict",
@@ -360,9 +377,13 @@ def set_csrf_cookie(
 
 
 def clear_csrf_cookie(response: Response, *, secure: bool) -> None:
-    """Delete :data:`CSRF_COOKIE` from the browser."""
+    """Delete the CSRF cookie from the browser."""
     response.delete_cookie(
-        CSRF_COOKIE, path=CONSENT_PATH, secure=secure, httponly=True, samesite="strict"
+        cookie_name(CSRF_COOKIE, secure=secure),
+        path=_cookie_path(CONSENT_PATH, secure=secure),
+        secure=secure,
+        httponly=True,
+        samesite="strict",
     )
 
 

@@ -544,7 +544,9 @@ class AuthDBProvider(
         if not consent.csrf_token_matches(
             self._csrf_key,
             fields.get(consent.REQUEST_FIELD),
-            request.cookies.get(consent.CSRF_COOKIE),
+            request.cookies.get(
+                consent.cookie_name(consent.CSRF_COOKIE, secure=self._secure_cookies)
+            ),
             fields.get(consent.CSRF_FIELD),
         ):
             logger.warning(
@@ -636,7 +638,9 @@ class AuthDBProvider(
         """
         query = request.query_params
         state = query.get("state")
-        binding = request.cookies.get(consent.BINDING_COOKIE)
+        binding = request.cookies.get(
+            consent.cookie_name(consent.BINDING_COOKIE, secure=self._secure_cookies)
+        )
         pending = await self.consents.take(state, binding)
         if pending is None:
             return await self._reject_callback(request, state, binding)
