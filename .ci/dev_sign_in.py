@@ -1,11 +1,11 @@
 """Sign in to a running `mcp-authdb serve --dev` and call its tools.
 
 CI runs the README's main job, `serve --dev`, in the background and then
-this script, which plays an MCP client and its user: the SDK's OAuth client
-registers, the server's consent page is approved, the development
-identity provider's sign-in form is filled in
-with a user id and the level `plus`, and the tools `whoami` and
-`content_search` are called. It exits 0 when every step worked.
+this script, which plays an MCP client and its user. The SDK's OAuth client
+registers, the script approves the server's consent page and fills in the
+development identity provider's sign-in form with a user id and the level
+`plus`. Then it calls the tools `whoami` and `content_search`. It exits 0
+when every step succeeds.
 
 Usage: python .ci/dev_sign_in.py [MCP_URL]   (default http://127.0.0.1:8000/mcp)
 """
@@ -53,7 +53,7 @@ class MemoryStorage:
 
 
 async def sign_in_as_user(authorization_url: str) -> str:
-    """Follow the sign-in as a browser would; return the redirect to the client."""
+    """Follow the sign-in as a browser would and return the redirect to the client."""
     async with httpx2.AsyncClient(timeout=10.0) as http:
         url = authorization_url
         for _ in range(10):
@@ -79,7 +79,9 @@ async def sign_in_as_user(authorization_url: str) -> str:
             url = urljoin(url, response.headers["location"])
             if url.startswith(REDIRECT_URI):
                 return url
-    raise SystemExit("the sign-in never redirected back to the client")
+    raise SystemExit(
+        "the sign-in did not redirect back to the client within 10 requests"
+    )
 
 
 async def main(mcp_url: str) -> None:
@@ -121,7 +123,7 @@ async def main(mcp_url: str) -> None:
 
 
 def result_json(result: Any) -> dict[str, Any]:
-    """Return a tool result as a dict; exit on a tool error."""
+    """Return a tool result as a dict, or exit on a tool error."""
     if result.is_error:
         raise SystemExit(f"tool error: {result.content[0].text}")
     if result.structured_content is not None:

@@ -278,7 +278,10 @@ class ServerProcess:
         )
 
     def stop(self) -> int | None:
-        """Stop the process with SIGTERM, SIGKILL after a timeout; return its code."""
+        """Stop the process with SIGTERM, then SIGKILL after a timeout.
+
+        Return the exit code, or None when the process never started or was killed.
+        """
         if self.process is None or self.process.poll() is not None:
             return None if self.process is None else self.process.returncode
         self.process.send_signal(signal.SIGTERM)
@@ -339,6 +342,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "serve`, with the request log on, against a bare MCPServer with the "
         "same tool and no auth, and the latency that auth and logging add.",
     )
+
     parser.add_argument(
         "--url",
         default=os.environ.get("DATABASE_URL") or DEFAULT_URL,
@@ -357,6 +361,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="use this existing database instead of a scratch database; it is "
         "migrated by the server and kept",
     )
+
     parser.add_argument(
         "--clients",
         type=pool_benchmark.positive_int,
@@ -386,6 +391,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="unmeasured seconds of calls before each window (default: "
         f"{DEFAULT_WARM_UP_S:g})",
     )
+
     parser.add_argument(
         "--py-spy",
         metavar="DIR",
@@ -398,6 +404,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=4,
         help="clients of the profiled windows (default: 4)",
     )
+
     parser.add_argument(
         "--time-limit",
         type=pool_benchmark.positive_float,
@@ -411,14 +418,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="copy the output of both servers to DIR/auth.log and DIR/bare.log",
     )
     parser.add_argument("--output", metavar="PATH", help="also write the report here")
+
     args = parser.parse_args(argv)
     if args.warm_up < 0:
         parser.error(f"--warm-up={args.warm_up:g} is negative; pass 0 or more")
+
     args.clients = sorted(set(args.clients))
     if args.py_spy and shutil.which("py-spy") is None and not local_py_spy().exists():
         parser.error(
             "--py-spy needs py-spy; install it with .venv/bin/pip install py-spy"
         )
+
     return args
 
 
@@ -667,7 +677,7 @@ def stop_server(server: ServerProcess) -> None:
 
 @contextlib.contextmanager
 def upstream_stand_in(redirect_uri: str) -> Iterator[dict[str, str]]:
-    """Run the tests' upstream stand-in; yield the variables that point at it."""
+    """Run the tests' upstream stand-in and yield the variables that point at it."""
     tests = str(Path(__file__).resolve().parent.parent / "tests")
     if tests not in sys.path:
         sys.path.append(tests)
@@ -717,7 +727,7 @@ async def sign_in(base_url: str) -> str:
             for _ in range(10):
                 response = await http.get(url)
                 if response.status_code == 200 and urlsplit(url).path == CONSENT_PATH:
-                    # Approve; the client keeps the cookies for the callback.
+                    # Approve. The client keeps its cookies for the callback.
                     form = {
                         name: html.unescape(value)
                         for name, value in HIDDEN_INPUT.findall(response.text)

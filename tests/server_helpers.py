@@ -31,7 +31,7 @@ from mcp_authdb.server.consent import (
 # The token keys of servers whose sessions the test makes itself.
 KEYS = "k1:" + "s" * 43
 # The authorization server that the resource's auth settings name. Nothing
-# listens there, and no test contacts it.
+# listens on this port, and no test contacts it.
 ORIGIN = "http://127.0.0.1:9"
 RESOURCE = ORIGIN + "/mcp"
 
@@ -124,14 +124,14 @@ def is_consent_page(url: str) -> bool:
 def answer_consent(
     http: httpx2.Client, consent_url: str, decision: str = "approve"
 ) -> httpx2.Response:
-    """Answer the consent page at ``consent_url`` as a browser would.
+    """Submit the consent form at ``consent_url`` as a browser would.
 
     GETs the page at the URL's path on ``http``'s base URL, then POSTs its
     form with ``decision`` and the page's CSRF cookie. The binding cookie
     that approval sets goes into ``http``'s cookie jar without its Secure
-    flag, so that the callback over plain HTTP sends it, as a browser at an
-    https public URL would. Returns the POST's response: 303 to the
-    upstream after approval.
+    flag. The callback over plain HTTP then sends it, as a browser at an
+    https public URL would. Returns the POST's response, which is a 303 to
+    the upstream after approval.
     """
     parts = urlsplit(consent_url)
     page = http.get(f"{parts.path}?{parts.query}")
@@ -158,7 +158,7 @@ def answer_consent(
 async def answer_consent_async(
     http: httpx2.AsyncClient, consent_url: str, decision: str = "approve"
 ) -> httpx2.Response:
-    """Answer the consent page like :func:`answer_consent`, asynchronously."""
+    """Submit the consent form like :func:`answer_consent`, asynchronously."""
     page = await http.get(consent_url)
     assert page.status_code == 200, page.text
     action, fields = consent_form(consent_url, page.text)

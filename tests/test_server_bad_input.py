@@ -332,7 +332,7 @@ def test_token_redirect_uri_mismatch(
 
     assert response.status_code == 400
     # NOTE: RFC 6749 section 5.2 names invalid_grant for a redirect URI that
-    # differs from the authorization request's; the MCP SDK's token handler
+    # differs from the authorization request's. The MCP SDK's token handler
     # (mcp 2.3) returns invalid_request.
     assert error_of(response) == "invalid_request"
     assert "redirect_uri" in response.json()["error_description"]
@@ -390,7 +390,7 @@ def test_unknown_client_everywhere(
         assert response.status_code == 401, response.text
         assert error_of(response) == "invalid_client"
     # NOTE: RFC 7009 section 2.2.1 points to RFC 6749 section 5.2, whose code
-    # for a failed client authentication is invalid_client; the MCP SDK's
+    # for a failed client authentication is invalid_client. The MCP SDK's
     # revocation handler (mcp 2.3) returns unauthorized_client.
     assert revoked.status_code == 401, revoked.text
     assert error_of(revoked) == "unauthorized_client"

@@ -1,14 +1,14 @@
 """The MCP server end to end: two `mcp-authdb serve` processes over one database.
 
-A user signs in through the SDK's own OAuth client, driven headlessly: its
-browser step follows the redirects from this server's /authorize to its
-consent page, approves there, goes on to the Authlib stand-in for Drupal
-(which approves the test user at once), back to
-this server's /oauth/callback and on to the client's redirect URI. Both
-processes have the same public URL, as replicas behind a load balancer
-would, and listen on two loopback ports. The client registers and signs in
-through the first, calls tools and refreshes through the second, and after
-the first restarts every token still works there.
+A user signs in through the SDK's own OAuth client, driven headlessly. Its
+browser step follows the redirects from this server's /authorize to the
+consent page and approves it. It then goes on to the Authlib stand-in for
+Drupal, which approves the test user at once, back to this server's
+/oauth/callback and on to the client's redirect URI. Both processes have the
+same public URL, as replicas behind a load balancer would, and listen on two
+loopback ports. The client registers and signs in through the first, calls
+tools and refreshes through the second. After the first restarts, every
+token still works on it.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ from conftest import ScratchDatabase
 
 pytestmark = pytest.mark.slow
 
-# The MCP client's redirect URI. Nothing listens there: the headless browser
-# stops at the redirect to it and reads the code from the Location header.
+# The MCP client's redirect URI. Nothing listens on it, because the headless
+# browser stops at the redirect to it and reads the code from the Location
+# header.
 CLIENT_REDIRECT_URI = "http://127.0.0.1:1/callback"
 START_TIMEOUT_S = 30.0
 
@@ -229,7 +230,8 @@ async def call_with_bearer(
 
 async def refresh_at(base_url: str, storage: MemoryStorage) -> dict[str, Any]:
     """Refresh the stored tokens at ``base_url``'s token endpoint."""
-    assert storage.tokens is not None and storage.client_info is not None
+    assert storage.tokens is not None
+    assert storage.client_info is not None
     form = {
         "grant_type": "refresh_token",
         "refresh_token": storage.tokens.refresh_token or "",
@@ -245,9 +247,10 @@ async def refresh_at(base_url: str, storage: MemoryStorage) -> dict[str, Any]:
 
 
 def mcp_status(base_url: str, access_token: str) -> int:
-    """POST tools/list with ``access_token``; return the status of a refusal.
+    """POST tools/list with ``access_token`` and return the response status.
 
-    A 401 must point the client at the protected resource metadata.
+    The tests expect a rejection, and a 401 must point the client at the
+    protected resource metadata.
     """
     response = httpx2.post(
         base_url + "/mcp",
@@ -280,9 +283,7 @@ def wait_for_rows(db: ScratchDatabase, method: str, count: int) -> list[dict[str
         time.sleep(0.1)
 
 
-def test_sign_in_on_one_replica_and_work_on_the_other(
-    db: ScratchDatabase, tmp_path: Path
-) -> None:
+def test_replicas_share_sign_in(db: ScratchDatabase, tmp_path: Path) -> None:
     with (
         upstream_server(users={"alice": "plus"}, access_lifetime=300) as upstream,
         replicas(db, upstream, tmp_path) as (first, second),
@@ -296,7 +297,8 @@ def test_sign_in_on_one_replica_and_work_on_the_other(
                 me = tool_json(await client.call_tool("whoami", {}))
             assert me["user_id"] == "alice"
             assert me["subscription_level"] == "plus"
-            assert storage.tokens is not None and storage.client_info is not None
+            assert storage.tokens is not None
+            assert storage.client_info is not None
             secrets_seen.extend(
                 [
                     storage.tokens.access_token,
@@ -325,7 +327,7 @@ def test_sign_in_on_one_replica_and_work_on_the_other(
         assert upstream.calls["code"] == 1
         assert upstream.calls["jsonrpc"] == 1
 
-        # Restart the first replica: every token still works there.
+        # Restart the first replica. Every token still works on it.
         assert first.stop() == 0
         first.start()
 
@@ -352,13 +354,12 @@ def test_sign_in_on_one_replica_and_work_on_the_other(
     assert "content_search" in methods
     assert {row["user_id"] for row in rows if row["method"] == "whoami"} == {"alice"}
     for secret in secrets_seen:
-        assert secret and secret not in logs
+        assert secret
+        assert secret not in logs
         assert all(secret not in json.dumps(row, default=str) for row in rows)
 
 
-def test_free_user_is_refused_the_search_and_the_row_says_forbidden(
-    db: ScratchDatabase, tmp_path: Path
-) -> None:
+def test_free_user_search_forbidden(db: ScratchDatabase, tmp_path: Path) -> None:
     with (
         upstream_server(users={"bob": "free"}) as upstream,
         replicas(db, upstream, tmp_path) as (first, _second),
@@ -374,14 +375,15 @@ def test_free_user_is_refused_the_search_and_the_row_says_forbidden(
 
     assert result.is_error
     message = result.content[0].text
-    assert "plus" in message and "free" in message
+    assert "plus" in message
+    assert "free" in message
     assert upstream.calls["jsonrpc"] == 0
     search_rows = [row for row in rows if row["method"] == "content_search"]
     assert [row["status"] for row in search_rows] == ["forbidden"]
     assert search_rows[0]["user_id"] == "bob"
 
 
-def test_refresh_token_of_a_revoked_sign_in_is_refused_on_every_replica(
+def test_revoked_refresh_rejected_everywhere(
     db: ScratchDatabase, tmp_path: Path
 ) -> None:
     with (
@@ -395,7 +397,8 @@ def test_refresh_token_of_a_revoked_sign_in_is_refused_on_every_replica(
                 tool_json(await client.call_tool("whoami", {}))
 
         asyncio.run(sign_in())
-        assert storage.tokens is not None and storage.client_info is not None
+        assert storage.tokens is not None
+        assert storage.client_info is not None
         access = storage.tokens.access_token
         form = {
             "token": access,
@@ -408,7 +411,7 @@ def test_refresh_token_of_a_revoked_sign_in_is_refused_on_every_replica(
         for server in (first, second):
             assert mcp_status(server.url, access) == 401
 
-            refused = httpx2.post(
+            rejected = httpx2.post(
                 server.url + "/token",
                 data={
                     "grant_type": "refresh_token",
@@ -418,11 +421,11 @@ def test_refresh_token_of_a_revoked_sign_in_is_refused_on_every_replica(
                 },
                 timeout=10.0,
             )
-            assert refused.status_code == 400
-            assert refused.json()["error"] == "invalid_grant"
+            assert rejected.status_code == 400
+            assert rejected.json()["error"] == "invalid_grant"
 
 
-def test_public_client_signs_in_and_revokes_without_a_secret(
+def test_public_client_revokes_without_secret(
     db: ScratchDatabase, tmp_path: Path
 ) -> None:
     with (
@@ -436,7 +439,8 @@ def test_public_client_signs_in_and_revokes_without_a_secret(
                 tool_json(await client.call_tool("whoami", {}))
 
         asyncio.run(sign_in())
-        assert storage.tokens is not None and storage.client_info is not None
+        assert storage.tokens is not None
+        assert storage.client_info is not None
         assert storage.client_info.client_secret is None
         access = storage.tokens.access_token
 
@@ -459,7 +463,8 @@ def test_public_client_signs_in_and_revokes_without_a_secret(
 def well_known(url: str, name: str) -> str:
     """Insert ``/.well-known/NAME`` between the host and the path of ``url``.
 
-    RFC 8414 section 3.1 and RFC 9728 section 3.1 build metadata URLs so.
+    RFC 8414 section 3.1 and RFC 9728 section 3.1 build metadata URLs this
+    way.
     """
     parts = urlsplit(url)
     path = parts.path.rstrip("/")
@@ -499,8 +504,8 @@ def test_discovery_follows_rfc_9728_and_8414(
             assert issuers == [first.url]
 
             # RFC 8414 sections 2, 3.1 and 3.3: the issuer of the document
-            # is the one its URL was built from, with no query or fragment,
-            # and the required members are there.
+            # is the one its URL was built from, with no query or fragment.
+            # The document contains the required members.
             issuer = issuers[0]
             response = httpx2.get(
                 server.url
@@ -511,7 +516,8 @@ def test_discovery_follows_rfc_9728_and_8414(
             assert response.headers["content-type"].startswith("application/json")
             metadata = response.json()
             assert metadata["issuer"] == issuer
-            assert "?" not in issuer and "#" not in issuer
+            assert "?" not in issuer
+            assert "#" not in issuer
             for member in (
                 "authorization_endpoint",
                 "token_endpoint",

@@ -1034,8 +1034,8 @@ def test_refresh_waiters_hold_no_connections(db: ScratchDatabase) -> None:
             # Let the other callers find the refresh in progress.
             await asyncio.sleep(0.3)
             try:
-                # The refresher holds one of the two connections and the
-                # waiters hold none, so another family's read gets the other.
+                # The refresher uses one of the two connections and the
+                # waiters use none, so another family's read gets the other.
                 other = await asyncio.wait_for(store.get_grant(other_family), 2)
             finally:
                 release.set()
@@ -1092,8 +1092,8 @@ def test_refreshed_tokens_kept_when_connection_lost(db: ScratchDatabase) -> None
     fresh = upstream_tokens(access="access-2", refresh="refresh-2")
 
     async def refresh(current: UpstreamTokens) -> UpstreamTokens:
-        # The refresher's backend holds the family's advisory lock; ending
-        # it loses the transaction in which the new tokens were to be stored.
+        # The refresher's backend has the family's advisory lock. Ending it
+        # loses the transaction in which the new tokens were to be stored.
         terminated = query(
             db,
             "SELECT pg_terminate_backend(pid) FROM pg_locks "

@@ -93,8 +93,9 @@ class Injection:
     """What the next request to one endpoint gets instead of its normal response.
 
     The handler waits ``delay_s`` seconds first. With ``status`` None it then
-    answers normally; else it sends ``status`` with ``body`` (a dict is sent
-    as JSON), in chunks without a Content-Length when ``chunked``.
+    responds normally. Otherwise it sends ``status`` with ``body``, and a dict
+    body is sent as JSON. With ``chunked`` the body goes in chunks without a
+    Content-Length.
     """
 
     status: int | None = None
@@ -466,15 +467,15 @@ class UpstreamServer:
     def authorize(self, url: str) -> dict[str, str]:
         """Open the authorization ``url`` as a browser would; return the callback query.
 
-        The authorize endpoint must answer with a redirect to the registered
-        redirect URI, which is not followed. The result holds ``code`` and
+        The authorize endpoint must respond with a redirect to the registered
+        redirect URI, which is not followed. The result contains ``code`` and
         ``state``, or ``error`` and ``state``.
         """
         with httpx2.Client(follow_redirects=False, trust_env=False) as client:
             response = client.get(url)
         if response.status_code != 302:
             raise AssertionError(
-                f"authorize answered {response.status_code}, not a redirect: "
+                f"authorize returned {response.status_code}, not a redirect: "
                 f"{response.text[:300]}"
             )
         location = response.headers["Location"]
@@ -575,7 +576,7 @@ class UpstreamServer:
     ) -> Response | None:
         """Count the request and apply the next injection of ``endpoint``, if any.
 
-        Return the injected response, or None to answer normally.
+        Return the injected response, or None to respond normally.
         """
         with self._lock:
             if not counted:
@@ -688,7 +689,7 @@ def serve_in_thread(app: Any, sock: socket.socket | None = None) -> Iterator[str
     """Serve the ASGI ``app`` on 127.0.0.1 and yield its base URL.
 
     ``sock`` is a listening socket bound to 127.0.0.1, for a caller that must
-    know the port before it builds ``app``; by default a free port is used.
+    know the port before it builds ``app``. Without it, a free port is used.
     """
     config = uvicorn.Config(
         app,

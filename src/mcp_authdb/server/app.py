@@ -4,26 +4,26 @@
 stateless, JSON responses) with this package's provider, tools and
 observability, and adjusts the SDK's routes:
 
-- ``/.well-known/oauth-authorization-server`` (RFC 8414) is the SDK's
+- ``/.well-known/oauth-authorization-server`` (RFC 8414) serves the SDK's
   metadata plus ``client_id_metadata_document_supported``,
   ``authorization_response_iss_parameter_supported`` and the public client
-  authentication method ``none``;
-- the protected resource metadata (RFC 9728) is served both at
+  authentication method ``none``.
+- The protected resource metadata (RFC 9728) is served both at
   ``/.well-known/oauth-protected-resource`` and at that path followed by the
-  MCP path, the place RFC 9728 section 3.1 derives from the resource URL;
+  MCP path, the place RFC 9728 section 3.1 derives from the resource URL.
 - ``/register`` rejects bodies over ``MCP_AUTHDB_REGISTRATION_MAX_BYTES``
   with 413, and returns 429 with ``Retry-After`` when the request's source
-  address has registered too many clients in the last hour;
+  address has registered too many clients in the last hour.
 - ``/token`` rejects bodies over the same limit with 413, and a ``resource``
-  parameter (RFC 8707) naming another resource with 400 ``invalid_target``;
+  parameter (RFC 8707) naming another resource with 400 ``invalid_target``.
 - ``/authorize`` (its POST form) and ``/revoke`` reject bodies over the same
-  limit with 413;
+  limit with 413.
 - ``/oauth/consent`` is the page where users approve or deny a client before
-  they go to the upstream provider (its POST form rejects bodies over the
-  same limit with 413);
-- ``/oauth/callback`` is where the upstream provider sends users back;
-- ``/health`` and ``/metrics``; in development mode, ``/dev/*`` is the
-  built-in identity provider.
+  they go to the upstream provider. Its POST form rejects bodies over the
+  same limit with 413.
+- ``/oauth/callback`` is where the upstream provider sends users back.
+- ``/health`` and ``/metrics`` are always served. In development mode,
+  ``/dev/*`` is the built-in identity provider.
 
 NOTE: ``/metrics`` needs no token, so restrict it at the reverse proxy when
 request counts per tool should stay private.
@@ -31,11 +31,11 @@ request counts per tool should stay private.
 Every advertised URL comes from ``MCP_AUTHDB_PUBLIC_URL``, never from the
 ``Host`` or ``X-Forwarded-*`` headers of a request. The source address of a
 request is its TCP peer, unless the peer is in
-``MCP_AUTHDB_TRUSTED_PROXIES``: then it is the nearest ``X-Forwarded-For``
+``MCP_AUTHDB_TRUSTED_PROXIES``. Then it is the nearest ``X-Forwarded-For``
 entry that is not a trusted proxy.
 
 The database, the upstream client and the provider exist only while the app
-runs: its lifespan opens them, starts the OAuth state cleanup, runs the SDK's
+runs. Its lifespan opens them, starts the OAuth state cleanup, runs the SDK's
 session manager, and closes everything in reverse order. An app runs once,
 because the SDK's session manager can start only once.
 """
@@ -149,10 +149,10 @@ def build_app(
     *,
     client_metadata_tls: ssl.SSLContext | None = None,
 ) -> Starlette:
-    """Build the server's Starlette app from ``config``; nothing connects yet.
+    """Build the server's Starlette app from ``config`` without connecting.
 
     ``authdb``, not opened, replaces the one built from ``config`` (its
-    database settings and environment); the app's lifespan opens and closes
+    database settings and environment). The app's lifespan opens and closes
     it either way. ``client_metadata_tls`` is the TLS context used to fetch
     Client ID Metadata Documents (default: the system's certificate
     authorities), for tests with their own authority. Reading the encryption
@@ -540,9 +540,9 @@ def _authorization_server_metadata(config: ServerConfig) -> Any:
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:
-    """Read the whole request body; None once it grows past ``limit`` bytes.
+    """Read the whole request body, or return None past ``limit`` bytes.
 
-    A disconnect before the end gives the bytes read so far. The handler then
+    A disconnect before the end returns the bytes read so far. The handler then
     fails on the truncated body, and its response goes to a closed connection.
     """
     body = bytearray()
@@ -592,12 +592,14 @@ async def _no_receive() -> Message:
 
 
 class _BodyLimitedGuard:
-    """Reads a POST body with a limit; the wrapper of /authorize, base of others.
+    """ASGI wrapper that reads a POST body with a size limit.
 
-    /authorize uses it as it is, because the SDK's handler turns a form
-    field over Starlette's part size limit into ``server_error``.
+    It wraps /authorize as it is, because the SDK's handler turns a form
+    field over Starlette's part size limit into ``server_error``, and is the
+    base class of the other guards.
 
-    POST requests only; other methods (the CORS preflight) pass unchanged.
+    It reads POST requests only. Other methods (the CORS preflight) pass
+    unchanged.
     Subclasses check the body in :meth:`handle` and pass the request on with
     the body replayed.
     """
@@ -644,15 +646,16 @@ class _BodyLimitedGuard:
     async def handle(
         self, scope: Scope, body: bytes, receive: Receive, send: Send
     ) -> None:
-        """Check ``body`` and pass the request on; ``receive`` is past the body."""
+        """Check ``body`` and pass the request on, with ``receive`` past the body."""
         await self.app(scope, _replay(body, receive), send)
 
 
 class _TokenGuard(_BodyLimitedGuard):
-    """Rejects a token request whose ``resource`` is not this server's resource.
+    """Guard that rejects a token request for another server's ``resource``.
 
-    RFC 8707 section 2: a token request may name the resource it wants a
-    token for, and one this server does not serve gets ``invalid_target``.
+    Under RFC 8707 section 2, a token request may name the resource it
+    requests a token for, and one this server does not serve gets
+    ``invalid_target``.
     Only form-encoded bodies (RFC 6749 section 3.2) are accepted, so that a
     ``resource`` cannot slip past this check in another encoding.
     """
@@ -699,12 +702,12 @@ class _TokenGuard(_BodyLimitedGuard):
 
 
 class _RevocationGuard(_BodyLimitedGuard):
-    """Lets a public client revoke without a ``client_secret`` field.
+    """Guard that lets a public client revoke without a ``client_secret`` field.
 
-    RFC 7009 section 2.1 asks a public client for its ``client_id`` only, but
-    the SDK's revocation handler requires the field to be present. An empty
-    one is added when it is missing; the SDK's client authentication still
-    demands the real secret from a confidential client.
+    RFC 7009 section 2.1 requires only the ``client_id`` of a public client,
+    but the SDK's revocation handler requires the field to be present. An
+    empty one is added when it is missing, and the SDK's client
+    authentication still requires the real secret from a confidential client.
     """
 
     async def handle(
@@ -726,7 +729,7 @@ class _RevocationGuard(_BodyLimitedGuard):
 
 
 class _RegistrationGuard(_BodyLimitedGuard):
-    """Passes the source address to the provider and turns its limit into 429.
+    """Guard that passes the source address to the provider and maps its limit to 429.
 
     The provider reads the source address from the ``registration_source``
     context variable, and raises :class:`RegistrationRateLimited` when that
@@ -893,7 +896,9 @@ async def _cleanup_loop(
 ) -> None:
     """Delete expired OAuth state every ``interval``, until cancelled.
 
-    Failures are logged and counted; the next round comes one interval later.
+    Failures are logged and counted, and the next round starts one interval
+    later.
+
     """
     interval_s = interval.total_seconds()
     delay = random.uniform(0, interval_s * CLEANUP_JITTER)

@@ -4,24 +4,24 @@ An MCP client may skip registration and use as its ``client_id`` the https URL
 of a JSON document that contains its metadata (the OAuth Client ID Metadata
 Document draft, which the MCP authorization specification adopts). This
 server fetches that document when the client first shows up, checks it, and
-caches it in the ``oauth_clients`` table for as long as its
-``Cache-Control: max-age`` says, kept within one minute and one day.
+caches it in the ``oauth_clients`` table for the lifetime that its
+``Cache-Control: max-age`` sets, clamped to between one minute and one day.
 
 Fetching a URL that any client names makes this server send requests on a
 client's behalf, so :class:`ClientMetadataFetcher` limits them:
 
-- https only, with no redirects followed, a 5 s deadline for the whole
+- Only https, with no redirects followed, a 5 s deadline for the whole
   request, and at most 64 KiB read (streamed, so a larger body is never
-  held in memory);
-- the host name is resolved once, every address it resolves to must be
+  held in memory).
+- The host name is resolved once, and every address it resolves to must be
   public (not private, loopback, link-local, reserved, multicast or
-  unspecified) unless ``allow_private`` is set, and the connection goes to
-  one of those checked addresses, so a DNS answer that changes between the
-  check and the connection cannot point the request at an internal address;
-- proxies from the environment are not used, because a proxy would make the
-  connection on its own, and connections are not reused, so every request
-  verifies the certificate for its own host name;
-- a URL that failed is not fetched again for a minute.
+  unspecified) unless ``allow_private`` is set. The connection goes to one
+  of those checked addresses, so a DNS answer that changes between the
+  check and the connection cannot point the request at an internal address.
+- Proxies from the environment are not used, because a proxy would make the
+  connection on its own. Connections are not reused, so every request
+  verifies the certificate for its own host name.
+- A URL that failed is not fetched again for a minute.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ MAX_CACHE_LIFETIME = timedelta(hours=24)
 DEFAULT_CACHE_LIFETIME = timedelta(hours=1)
 MIN_AGE_S = int(MIN_CACHE_LIFETIME.total_seconds())
 MAX_AGE_S = int(MAX_CACHE_LIFETIME.total_seconds())
-# How long a URL whose document was rejected is rejected again without a
-# request, and how many such URLs are remembered.
+# After a document is rejected, its URL is rejected without a request for
+# FAILURE_LIFETIME_S seconds. At most MAX_REMEMBERED_FAILURES URLs are kept.
 FAILURE_LIFETIME_S = 60.0
 MAX_REMEMBERED_FAILURES = 1024
 
@@ -69,7 +69,7 @@ class ClientMetadataError(AuthDBError):
 
 
 class _RegisteredClientError(Exception):
-    """A client id that names a document is stored as another kind of client."""
+    """Error for a document URL client id that is stored as another kind of client."""
 
 
 class StoredDocument(Protocol):
@@ -86,7 +86,7 @@ class StoredDocument(Protocol):
 
 
 class DocumentCache(Protocol):
-    """The cache of documents, :class:`~mcp_authdb.server.oauth_store.OAuthStore`."""
+    """The document cache: an :class:`~mcp_authdb.server.oauth_store.OAuthStore`."""
 
     async def get_client(self, client_id: str) -> StoredDocument | None: ...
 
@@ -173,7 +173,7 @@ async def resolve_host(host: str, port: int) -> list[str]:
 def address_problem(address: str) -> str | None:
     """Return why a document may not be fetched from ``address``, or None.
 
-    Refused are private, loopback, link-local, reserved, multicast and
+    Rejected are private, loopback, link-local, reserved, multicast and
     unspecified addresses, and any other address that is not globally
     reachable (such as 100.64.0.0/10). An IPv4 address mapped into IPv6
     (``::ffff:10.0.0.1``) is checked as the IPv4 address.
@@ -218,7 +218,7 @@ def cache_lifetime(cache_control: str | None) -> timedelta:
                 seconds = int(value.strip().strip('"'))
             except ValueError:
                 continue
-            # Clamped before timedelta(), which raises OverflowError for
+            # Clamp before calling timedelta(), which raises OverflowError for
             # values such as 99999999999999999999.
             lifetime = timedelta(seconds=max(MIN_AGE_S, min(MAX_AGE_S, seconds)))
     return lifetime
@@ -282,7 +282,7 @@ def parse_document(url: str, body: bytes) -> dict[str, Any]:
         )
     if JWT_BEARER_GRANT_TYPE in info.grant_types:
         raise ClientMetadataError(
-            f"the document at {url!r} asks for the grant {JWT_BEARER_GRANT_TYPE!r}, "
+            f"the document at {url!r} requests the grant {JWT_BEARER_GRANT_TYPE!r}, "
             "which this server does not allow"
         )
     if "code" not in info.response_types:
@@ -336,7 +336,7 @@ def _check_redirect_uris(url: str, value: object) -> None:
 class ClientMetadataFetcher:
     """Fetches, checks and caches client ID metadata documents.
 
-    One fetcher serves a process: it owns an ``httpx2.AsyncClient``, so
+    One fetcher serves a process. It owns an ``httpx2.AsyncClient``, so
     close it with :meth:`aclose` or use it as an async context manager.
     ``store`` caches documents across processes (an ``OAuthStore``).
     ``verify`` is the TLS trust, as ``httpx2`` takes it (tests pass an
@@ -369,7 +369,8 @@ class ClientMetadataFetcher:
         )
         # URL -> time.monotonic() until which it is rejected without a request.
         self._failures: dict[str, float] = {}
-        # URL -> (lock, callers holding or waiting for it): one fetch per URL.
+        # URL -> (lock, number of callers holding or waiting for it), so that
+        # one URL is fetched by one task at a time.
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     async def __aenter__(self) -> Self:
@@ -386,14 +387,17 @@ class ClientMetadataFetcher:
         """Return the checked metadata of the document at ``client_id``, or None.
 
         A cached document that has not expired is returned without a
-        request. Otherwise the document is fetched and cached again. None
-        means the client is rejected: the URL is invalid, the document could
-        not be fetched or is invalid (the reason is logged as a warning, once
-        a minute per URL at most), or a client registered under this id is
-        not a metadata document. An unexpected exception while fetching or
-        checking the document also rejects the client: it is logged as an
-        error with its traceback and remembered for a minute like any other
-        failure. Database errors propagate.
+        request. Otherwise the document is fetched and cached again.
+
+        None means the client is rejected, because the URL is invalid
+        (logged at info level), the document could not be fetched or is
+        invalid, or a client registered under this id is not a metadata
+        document (both logged as warnings). A fetch failure is logged at most
+        once a minute per URL, because the URL is then rejected without a
+        request. An unexpected exception while fetching or checking the
+        document also rejects the client. It is logged as an error with its
+        traceback and remembered for a minute like any other failure.
+        Database errors propagate.
         """
         try:
             check_client_id_url(client_id)
@@ -416,7 +420,7 @@ class ClientMetadataFetcher:
             return None
 
     async def _fetch_and_cache(self, client_id: str) -> dict[str, Any] | None:
-        """Fetch the document and cache it; None, logged, when it is rejected."""
+        """Fetch the document and cache it. Return None, logged, on rejection."""
         try:
             document = await self.fetch(client_id)
         except ClientMetadataError as exc:
@@ -621,7 +625,8 @@ class _UrlLock:
 def _check_response(
     url: str, status: int, headers: Mapping[str, str], max_bytes: int
 ) -> None:
-    """Raise :class:`ClientMetadataError` unless the response may carry the document."""
+    """Raise :class:`ClientMetadataError` for a response without the document."""
+
     if 300 <= status < 400:
         raise ClientMetadataError(
             f"{url!r} responded with a redirect (HTTP {status}); redirects are not "

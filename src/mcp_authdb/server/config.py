@@ -207,7 +207,7 @@ class ServerConfig:
 
     @property
     def callback_url(self) -> str:
-        """Where the upstream provider sends users back to."""
+        """The URL to which the upstream provider redirects users after sign-in."""
         return self.public_url.callback_url
 
     @property
@@ -453,7 +453,7 @@ def _public_url(value: str | None, host: str, port: int) -> PublicURL:
 
 
 def parse_public_url(value: str) -> PublicURL:
-    """Parse and check a public URL; see the module documentation for the rules.
+    """Parse and validate a public URL, following the rules in the module docs.
 
     It must be https unless its host is loopback, and have a path of its
     own that is not one of the server's routes. It may not have a user,
@@ -529,7 +529,7 @@ def _check_dev_host(host: str) -> None:
         raise ConfigurationError(
             f"--dev listens on loopback addresses only, and the host is {host!r}; "
             f"use 127.0.0.1 (--host or {HOST_VARIABLE}), because the development "
-            "identity provider signs in anyone who asks"
+            "identity provider signs in anyone without a password"
         )
 
 
@@ -538,7 +538,8 @@ def _check_dev_public_url(public_url: PublicURL) -> None:
         raise ConfigurationError(
             f"--dev serves loopback URLs only, and {PUBLIC_URL_VARIABLE} is "
             f"{public_url.resource!r}; unset it, or set a URL on 127.0.0.1, "
-            "because the development identity provider signs in anyone who asks"
+            "because the development identity provider signs in anyone "
+            "without a password"
         )
 
 

@@ -4,8 +4,8 @@ This server signs every client's users in at the upstream provider with one
 fixed client id, so an upstream that approves that client silently would
 approve any client's request. Without a step of its own, anyone could
 register a client with their own redirect URI, start ``/authorize``, and
-send the resulting upstream link to a user who is signed in upstream: the
-user's authorization code would go to the attacker's redirect URI. So
+send the resulting upstream link to a user who is signed in upstream. That
+user's authorization code would then go to the attacker's redirect URI. So
 ``/authorize`` stores the pending authorization under a new consent request
 id and sends the user to ``GET /oauth/consent?request=<id>``, a page that
 names the client and the host its code will be sent to:
@@ -51,7 +51,7 @@ CONSENT_PATH = "/oauth/consent"
 # Its path covers the consent page, which sets it, and the callback, which
 # reads it. Over https both cookies get the __Host- prefix, which browsers
 # accept only with Secure, Path=/ and no Domain, so that no other host, a
-# sibling subdomain included, can plant one; see cookie_name().
+# sibling subdomain included, can plant one (see cookie_name()).
 # NOTE: one cookie name serves every sign-in, so when one browser approves two
 # sign-ins before either returns, the first one's callback gets HTTP 400.
 BINDING_COOKIE = "mcp_authdb_signin"
@@ -66,17 +66,18 @@ DECISION_FIELD = "decision"
 APPROVE = "approve"
 DENY = "deny"
 
-# The CSP has no form-action: browsers apply it to the redirects that follow
-# a form submission as well, and those go to the upstream provider (approve)
-# or to any client redirect URI, custom schemes included (deny).
+# The CSP has no form-action, because browsers apply it to the redirects that
+# follow a form submission as well. Those go to the upstream provider
+# (approve) or to any client redirect URI, custom schemes included (deny).
 PAGE_HEADERS = {
     "Cache-Control": "no-store",
     "Content-Security-Policy": (
         "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; "
         "frame-ancestors 'none'"
     ),
-    # same-origin, not no-referrer: under no-referrer a browser sends the
-    # form's POST with "Origin: null", and the POST's origin check needs it.
+    # same-origin, not no-referrer, because under no-referrer a browser sends
+    # the form's POST with "Origin: null" and is_same_origin_post() needs the
+    # real origin.
     "Referrer-Policy": "same-origin",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
@@ -85,7 +86,7 @@ PAGE_HEADERS = {
 
 @dataclasses.dataclass(frozen=True)
 class ConsentRequest:
-    """A pending authorization that waits for the user's decision."""
+    """A pending authorization waiting for the user's decision."""
 
     client_id: str
     redirect_uri: str
@@ -104,8 +105,8 @@ class ApprovedRequest:
     upstream_verifier: str = dataclasses.field(repr=False)
 
 
-# Each statement matches only a row that is unexpired and in the right step:
-# consent requests have consented_at NULL, approved ones have it set.
+# Each statement matches only a row that is unexpired and in the right step.
+# Consent requests have consented_at NULL, and approved ones have it set.
 _FIND_CONSENT = """
 SELECT client_id, redirect_uri, scopes
 FROM oauth_pending_authorizations
@@ -115,7 +116,7 @@ WHERE state_hash = ANY(%s::text[])
 LIMIT 1
 """
 
-# One UPDATE makes approval single use: of two concurrent approvals, the
+# One UPDATE makes approval single use. Of two concurrent approvals, the
 # second waits for the row lock and then finds the key changed. The verifier
 # is replaced too, because its ciphertext is bound to the row's key.
 _APPROVE = """
@@ -189,7 +190,8 @@ class ConsentStore:
     async def deny(self, request_id: str | None) -> PendingAuthorization | None:
         """Delete the consent request ``request_id``; return what it contained.
 
-        None when it is unknown, expired, already approved or already denied.
+        Returns None when it is unknown, expired, already approved or
+        already denied.
         """
         if request_id is None:
             return None
@@ -202,8 +204,8 @@ class ConsentStore:
 
         Stores the hash of ``binding`` (a ``new_token(TokenKind.STATE)``) and
         re-keys the row by a new upstream state with a new upstream PKCE
-        verifier, which it returns. None, changing nothing, when the request
-        is unknown, expired, already approved or denied.
+        verifier, which it returns. Returns None, changing nothing, when the
+        request is unknown, expired, already approved or denied.
         """
         candidates = self._candidates(request_id)
         if not candidates:
@@ -230,9 +232,10 @@ class ConsentStore:
     ) -> PendingAuthorization | None:
         """Delete and return the approved authorization of ``state`` and ``binding``.
 
-        None, changing nothing, when no unexpired approved authorization has
-        both, so a callback in a browser without the matching cookie cannot
-        use up the authorization of the browser that has it.
+        Returns None, changing nothing, when no unexpired approved
+        authorization has both, so a callback in a browser without the
+        matching cookie cannot use up the authorization of the browser that
+        has it.
         """
         state_candidates = self._candidates(state)
         binding_candidates = self._candidates(binding)
@@ -248,7 +251,8 @@ class ConsentStore:
     async def approved_client(self, state: str | None) -> str | None:
         """Return the client of the unexpired approved authorization of ``state``.
 
-        None when there is none. For logging why a callback was rejected.
+        Returns None when there is none. The provider calls it only to log
+        why it rejected a callback.
         """
         candidates = self._candidates(state)
         if not candidates:
@@ -269,8 +273,9 @@ def new_binding() -> str:
 def new_csrf_token(key: bytes, request_id: str) -> str:
     """Return a CSRF token for the consent form and :data:`CSRF_COOKIE`.
 
-    A random part and its HMAC under ``key`` with ``request_id``, so that a
-    token the page of one consent request gave cannot approve another.
+    The token is a random nonce and its HMAC under ``key`` over
+    ``request_id`` and the nonce, so a token from the page of one consent
+    request cannot approve another.
     """
     nonce = secrets.token_urlsafe(16)
     return f"{nonce}.{_csrf_mac(key, request_id, nonce)}"
@@ -299,13 +304,14 @@ def _csrf_mac(key: bytes, request_id: str, nonce: str) -> str:
 
 
 def is_same_origin_post(headers: Mapping[str, str], issuer: str) -> bool:
-    """Return whether a browser says this POST came from a page of ``issuer``.
+    """Return whether the browser's headers mark this POST as same-origin.
 
-    ``Sec-Fetch-Site``, when sent, must be ``same-origin``; else ``Origin``,
-    when sent, must be the issuer's origin. A request with neither header
-    (not from a browser, or a very old one) passes, and the CSRF token still
-    has to match. This stops a form on another site from submitting the
-    consent, even in a browser where an attacker planted the CSRF cookie.
+    ``Sec-Fetch-Site``, when sent, must be ``same-origin``. Otherwise
+    ``Origin``, when sent, must be the origin of ``issuer``. A request with
+    neither header (not from a browser, or from a very old one) passes, and
+    its CSRF token still has to match. This check stops a form on another
+    site from submitting the consent, even in a browser where an attacker
+    planted the CSRF cookie.
     """
     fetch_site = headers.get("sec-fetch-site")
     if fetch_site is not None:
@@ -335,9 +341,9 @@ def set_binding_cookie(
 ) -> None:
     """Set the binding cookie (:data:`BINDING_COOKIE`) for the callback.
 
-    ``SameSite=Lax``, because the upstream provider sends the browser back
-    with a top-level GET from its own site, which Lax allows and Strict
-    does not.
+    The cookie is ``SameSite=Lax``, because the upstream provider sends the
+    browser back with a top-level GET from its own site, which Lax allows
+    and Strict does not.
     """
     response.set_cookie(
         cookie_name(BINDING_COOKIE, secure=secure),
@@ -393,12 +399,14 @@ def consent_url(issuer: str, request_id: str) -> str:
 
 
 def redirect_target(redirect_uri: str) -> str:
-    """Return what receives the code of a redirect URI, for the page.
+    """Return the name of the code's receiver for a redirect URI, for the page.
 
     An http or https URI gives its host, with the port when it has one. Any
     other URI, such as ``com.example.app:/callback`` or
-    ``web+app://example.com/cb``, gives its scheme followed by ``:``: the app
-    registered for that scheme receives the code, whatever host the URI names.
+    ``web+app://example.com/cb``, gives its scheme followed by ``:``, because
+    the app registered for that scheme receives the code, whatever host the
+    URI names.
+
     """
     parts = urlsplit(redirect_uri)
     if parts.scheme in ("http", "https") and parts.hostname:

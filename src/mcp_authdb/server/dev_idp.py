@@ -3,8 +3,8 @@
 It plays the upstream provider so that the whole sign-in works on one
 machine without Drupal. Its login page has fields for a user id and a
 subscription level, and none for a password. Anyone who can reach it signs
-in as anyone, so it serves loopback public URLs only. Its endpoints mirror those of
-Drupal Simple OAuth below ``/dev``:
+in as anyone, so it serves loopback public URLs only. Its endpoints mirror
+those of Drupal Simple OAuth below ``/dev``:
 
 - ``GET /dev/oauth/authorize``: the login page. ``POST``: redirects to the
   redirect URI with ``code`` and ``state``.
@@ -16,8 +16,9 @@ Drupal Simple OAuth below ``/dev``:
   a few made-up articles and rejects the ``free`` level.
 
 Codes and tokens are HMAC-signed JSON. The server passes a signing key
-derived from its encryption key, so tokens outlive a restart; without one,
-a key is made at random and they stop working when the process restarts.
+derived from its encryption key, so tokens outlive a restart. Without one,
+it generates a random key, and the tokens stop working when the process
+restarts.
 The process remembers used codes and rotated refresh tokens until they
 expire, so each works once within it. The provider accepts any client id,
 as a public client.
@@ -103,9 +104,9 @@ class DevIdentityProvider:
             parts.hostname or ""
         ):
             raise ConfigurationError(
-                f"the development identity provider needs a loopback public URL, "
-                f"not {public_url!r}, because it signs in anyone who asks; use "
-                "http://127.0.0.1:PORT/mcp"
+                f"the development identity provider requires a loopback public URL, "
+                f"not {public_url!r}, because it signs in anyone without a "
+                "password. Use http://127.0.0.1:PORT/mcp"
             )
 
         origin = urlunsplit((parts.scheme, parts.netloc, "", "", ""))
@@ -195,7 +196,7 @@ class DevIdentityProvider:
         )
 
     async def jsonrpc(self, request: Request) -> Response:
-        """Handle one JSON-RPC 2.0 request; ``content.search`` is the only method."""
+        """Handle one JSON-RPC 2.0 request. ``content.search`` is the only method."""
         claims = self._bearer_claims(request)
         if claims is None:
             return _invalid_token()
@@ -248,7 +249,7 @@ class DevIdentityProvider:
             return _error_page(str(exc))
 
     def _check_authorize_params(self, params: dict[str, str]) -> Response | None:
-        """Check an authorization request; return an error redirect, or None.
+        """Validate an authorization request and return an error redirect, or None.
 
         Raises _AuthorizeRequestError when the client or redirect URI is
         wrong, because then no redirect may be sent (RFC 6749, 4.1.2.1).

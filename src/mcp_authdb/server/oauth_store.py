@@ -9,10 +9,11 @@ Every statement is written once, as an operation for
 - ``oauth_clients``: clients registered by Dynamic Client Registration
   (``kind = 'registered'``) and cached Client ID Metadata Documents
   (``kind = 'metadata_document'``).
-- ``oauth_pending_authorizations``: what ``/authorize`` stores until the
-  upstream provider redirects back: keyed by the hash of the consent request
-  id until the user approves the client, then by the hash of the upstream
-  ``state``, with the hash of the approving browser's binding cookie.
+- ``oauth_pending_authorizations``: authorization requests that
+  ``/authorize`` stores until the upstream provider redirects back. A row is
+  keyed by the hash of the consent request id until the user approves the
+  client. Then it is keyed by the hash of the upstream ``state`` and contains
+  the hash of the approving browser's binding cookie.
 - ``oauth_codes``: authorization codes given to clients, keyed by hash,
   single use. A used code stays, marked with the session family it created,
   until it expires, so that a second use can revoke that family.
@@ -94,7 +95,12 @@ class RefreshTimeoutError(AuthDBError):
 
 @dataclasses.dataclass
 class _RefreshAttempt:
-    """What one pass of :meth:`OAuthStore.refresh_upstream` found or made."""
+    """The outcome of one pass of :meth:`OAuthStore.refresh_upstream`.
+
+    ``result`` contains tokens that needed no refresh. ``fresh`` contains
+    refreshed tokens, with ``old_access`` (the encrypted access token they
+    replace) and ``user_id``. All are None when another caller is refreshing.
+    """
 
     result: UpstreamTokens | None = None
     fresh: UpstreamTokens | None = None
@@ -163,8 +169,8 @@ class StoredCode:
     ``upstream`` contains the user's upstream tokens, which move to the grant
     when the code is exchanged. ``expires_at`` must be timezone-aware.
     ``used_at`` and ``family_id`` are None until the code is exchanged, and
-    then tell when and for which session family. :meth:`OAuthStore.put_code`
-    ignores them.
+    then record when and for which session family.
+    :meth:`OAuthStore.put_code` ignores them.
     """
 
     client_id: str
@@ -310,7 +316,7 @@ SELECT {_CODE_COLUMNS}, used_at, family_id
 FROM code
 """
 
-# Any row of a family names the family to the session store's revocation.
+# The session store revokes a whole family by the id of any one of its rows.
 _FAMILY_SESSION = """
 SELECT id
 FROM user_sessions
@@ -337,7 +343,8 @@ _TRY_LOCK_REFRESH = (
     "hashtextextended('mcp-authdb upstream refresh ' || %s, 0))"
 )
 
-# Stores tokens only while the grant contains the access token refreshed.
+# Updates the grant only while it still contains the access token that was
+# refreshed, so a later refresh is never overwritten.
 _STORE_REFRESHED = """
 UPDATE oauth_grants
 SET upstream_access_encrypted = %s,
@@ -979,9 +986,9 @@ class OAuthStore:
         """Delete OAuth state that is no longer needed; return the rows deleted.
 
         Runs ``cleanup_oauth_state``, which deletes expired pending
-        authorizations and codes (used or not), grants whose family has no session row
-        left, registered clients older than ``unused_age`` that never led to
-        a session, and metadata documents that expired more than
+        authorizations and codes (used or not), grants whose family has no
+        session row left, registered clients older than ``unused_age`` that
+        never led to a session, and metadata documents that expired more than
         ``unused_age`` ago. A client with a live session family, or with an
         unexpired pending authorization or code, is kept. Raises
         :class:`InvalidValueError` for a negative ``unused_age``.
@@ -1080,10 +1087,10 @@ class OAuthStore:
 
 
 def is_storable_client_id(client_id: str) -> bool:
-    """Return whether ``oauth_clients`` can hold ``client_id``.
+    """Return whether ``oauth_clients.client_id`` can store ``client_id``.
 
-    It cannot hold an empty id, one over :data:`MAX_CLIENT_ID_LENGTH`
-    characters, or one with a NUL character, which PostgreSQL text rejects.
+    The column rejects an empty id, one over :data:`MAX_CLIENT_ID_LENGTH`
+    characters, and one with a NUL character, which PostgreSQL text rejects.
     Such an id names no client.
     """
     return 1 <= len(client_id) <= MAX_CLIENT_ID_LENGTH and "\x00" not in client_id
@@ -1110,7 +1117,8 @@ def upstream_refresh_context(user_id: str) -> str:
 
 
 def _refresh_due(tokens: UpstreamTokens, threshold: float, now: datetime) -> bool:
-    """Tell whether ``threshold`` of the access token's lifetime has passed.
+    """Return whether ``threshold`` of the access token's lifetime has passed.
+
 
     Tokens without an expiry or without a refresh token are never due,
     because there is nothing to compute or nothing to refresh with.

@@ -341,7 +341,7 @@ def metrics_endpoint(
 
     Adds the request log and scheduler counters of ``authdb`` to ``metrics``
     (see :meth:`Metrics.watch`). The format follows the ``Accept`` header
-    (Prometheus text by default, OpenMetrics when asked for).
+    (Prometheus text by default, OpenMetrics when the client requests it).
     """
     metrics.watch(authdb)
 

@@ -4,19 +4,19 @@
 ``OAuthAuthorizationServerProvider`` protocol over PostgreSQL, so that every
 replica serves every request and a restart loses nothing:
 
-- clients come from Dynamic Client Registration (stored with the client
+- Clients come from Dynamic Client Registration (stored with the client
   secret encrypted) or from Client ID Metadata Documents (an https URL as
-  ``client_id``, see :mod:`mcp_authdb.server.client_metadata`);
+  ``client_id``, see :mod:`mcp_authdb.server.client_metadata`).
 - ``/authorize`` stores a pending authorization and sends the user to the
-  consent page ``/oauth/consent`` (see :mod:`mcp_authdb.server.consent`),
-  where approving binds the sign-in to the browser with a cookie and sends
-  the user to the upstream provider; :meth:`AuthDBProvider.handle_callback`
-  takes the authorization back when the upstream redirects to
-  ``/oauth/callback`` in that browser, and gives the client an
-  authorization code;
-- the code exchange creates a user session (the session store's token pair)
-  and the grant of its family in one transaction;
-- access and refresh tokens are those of
+  consent page ``/oauth/consent`` (see :mod:`mcp_authdb.server.consent`).
+  Approving there binds the sign-in to the browser with a cookie and sends
+  the user to the upstream provider.
+- :meth:`AuthDBProvider.handle_callback` takes the authorization back when
+  the upstream provider redirects to ``/oauth/callback`` in that browser,
+  and gives the client an authorization code.
+- The code exchange creates a user session (the session store's token pair)
+  and the grant of its family in one transaction.
+- Access and refresh tokens are those of
   :class:`~mcp_authdb.store.session_store.AsyncSessionStore`, with rotation
   and replay detection.
 
@@ -118,7 +118,7 @@ class RegistrationRateLimited(Exception):
     """The source of a registration request hit its hourly limit.
 
     Raised by :meth:`AuthDBProvider.register_client` through the SDK's
-    registration handler, which does not catch it; the application's wrapper
+    registration handler, which does not catch it. The application's wrapper
     turns it into HTTP 429 with ``Retry-After: retry_after_s``.
     """
 
@@ -131,7 +131,7 @@ class RegistrationRateLimited(Exception):
 
 
 class _CodeAlreadyUsed(Exception):
-    """Rolls back a session whose authorization code was used meanwhile."""
+    """Signal that rolls back a session whose code was used meanwhile."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,10 +139,10 @@ class ProviderSettings:
     """The provider's part of the server configuration.
 
     ``issuer`` is this authorization server's issuer (the public URL's
-    origin); it is sent as ``iss`` in authorization responses (RFC 9207).
+    origin), sent as ``iss`` in authorization responses (RFC 9207).
     ``resource`` is the MCP endpoint's public URL, the only RFC 8707
     resource tokens are issued for. ``scopes`` are the scopes clients may
-    ask for, and the scopes of a client that registered none.
+    request, and the scopes of a client that registered none.
     ``subscription_levels`` lists the known levels from lowest to highest.
     """
 
@@ -185,14 +185,14 @@ class AuthDBClientInformation(OAuthClientInformationFull):
     """A client of this server, with RFC 8252 loopback redirect matching.
 
     A registered ``http`` redirect URI on ``127.0.0.1``, ``[::1]`` or
-    ``localhost`` matches a requested one with any port; every other URI
+    ``localhost`` matches a requested one with any port. Every other URI
     must be requested exactly (see :mod:`mcp_authdb.server.redirects`).
     """
 
     def validate_redirect_uri(self, redirect_uri: AnyUrl | None) -> AnyUrl:
         """Return the URI to redirect to: ``redirect_uri`` if it matches.
 
-        Without ``redirect_uri``, the only registered URI. Raises
+        Without ``redirect_uri``, returns the only registered URI. Raises
         ``InvalidRedirectUriError`` when the URI matches no registered one,
         or when none was given and the client registered several.
         """
@@ -308,9 +308,9 @@ class AuthDBProvider(
         """Return the client ``client_id``, or None when it is unknown or rejected.
 
         An https URL is a Client ID Metadata Document, fetched or read from
-        the cache; any other id is a registered client. A document that
+        the cache, and any other id is a registered client. A document that
         names no scope, or none of :attr:`ProviderSettings.scopes`, gets
-        all of them; other scopes in it are dropped. An id that no client
+        all of them. Other scopes in it are dropped. An id that no client
         can have (empty, over 2048 characters, or with a NUL character) is
         unknown, without a database call or a fetch.
         """
@@ -352,9 +352,9 @@ class AuthDBProvider(
     def _document_scope(self, scope: object) -> str:
         allowed = self.settings.scopes
         if isinstance(scope, str):
-            wanted = [item for item in scope.split() if item in allowed]
-            if wanted:
-                return " ".join(wanted)
+            requested = [item for item in scope.split() if item in allowed]
+            if requested:
+                return " ".join(requested)
         return " ".join(allowed)
 
     async def register_client(self, client_info: OAuthClientInformationFull) -> None:
@@ -414,13 +414,13 @@ class AuthDBProvider(
         is stored under until the user approves or denies it.
 
         ``params.resource`` must name :attr:`ProviderSettings.resource`
-        (ignoring one trailing slash); a request without one gets it.
+        (ignoring one trailing slash), and a request without one gets it.
         Scopes default to the client's registered scopes. Raises
         ``AuthorizeError`` and stores nothing for a request it rejects:
-        ``invalid_target`` for another resource, and ``invalid_scope`` for a
-        scope this server does not know. ``invalid_request`` is for a code
-        challenge over 128 characters, a ``state`` over 2048 characters, and
-        a code challenge or ``state`` with a NUL character.
+        ``invalid_target`` for another resource, ``invalid_scope`` for a
+        scope not in :attr:`ProviderSettings.scopes`, and ``invalid_request``
+        for a code challenge over 128 characters, a ``state`` over 2048
+        characters, or a code challenge or ``state`` with a NUL character.
         """
         resource = self._check_resource(params.resource)
         scopes = self._requested_scopes(client, params.scopes)
@@ -517,10 +517,9 @@ class AuthDBProvider(
         token does not equal the CSRF cookie or was made for another consent
         request, gets HTTP 400 and nothing changes. Deny deletes the pending
         authorization and sends the user to the client with
-        ``error=access_denied``. Approve sets
-        the browser binding cookie and sends the user (303) to the upstream
-        provider. A request that is unknown, expired, approved or denied
-        already gets HTTP 400.
+        ``error=access_denied``. Approve sets the browser binding cookie and
+        sends the user (303) to the upstream provider. A request that is
+        unknown, expired, approved or denied already gets HTTP 400.
         """
         if not consent.is_same_origin_post(request.headers, self.settings.issuer):
             logger.warning(
@@ -630,11 +629,12 @@ class AuthDBProvider(
         or one that does not match, get HTTP 400 and change nothing, so a
         sign-in link opened in another browser than the one that approved it
         issues no code. Every other response deletes the cookie. When the
-        upstream sent ``error``, the user goes
-        back to the client with ``error=access_denied``; when exchanging the
-        code or reading userinfo fails, with ``error=server_error``. Otherwise
-        this stores a new authorization code and redirects to the client with
-        ``code``, its ``state`` and ``iss`` (RFC 9207).
+        upstream provider sent ``error`` or no code, the user goes back to
+        the client with ``error=access_denied``. When exchanging the code or
+        reading userinfo fails, the user goes back with
+        ``error=server_error``. Otherwise this stores a new authorization code
+        and redirects to the client with ``code``, its ``state`` and ``iss``
+        (RFC 9207).
         """
         query = request.query_params
         state = query.get("state")
@@ -707,6 +707,12 @@ class AuthDBProvider(
 
         upstream_code = query.get("code")
         if not upstream_code:
+            logger.warning(
+                "the upstream provider redirected the sign-in of client %s back "
+                "with neither a code nor an error",
+                pending.client_id,
+                extra={"action": "oauth.callback.no_code"},
+            )
             return self._client_error(
                 pending, "access_denied", "the upstream provider sent no code"
             )
@@ -788,7 +794,7 @@ class AuthDBProvider(
     ) -> AuthDBAuthorizationCode | None:
         """Return the code's facts without using it up, or None.
 
-        None also when the code belongs to another client. Expired codes
+        Returns None also when the code belongs to another client. Expired codes
         are returned, because the SDK's token handler reports the expiry.
         A code that was used already gives None, so the SDK returns
         ``invalid_grant``, and revokes the session family that its first
@@ -819,7 +825,7 @@ class AuthDBProvider(
         client: OAuthClientInformationFull,
         authorization_code: AuthDBAuthorizationCode,
     ) -> OAuthToken:
-        """Use the code up: create the user session and its grant; return tokens.
+        """Exchange the code for a new user session, its grant and its tokens.
 
         The session, the grant and marking the code used commit in one
         transaction. Raises ``TokenError("invalid_grant")`` when the code
@@ -917,11 +923,11 @@ class AuthDBProvider(
     ) -> AuthDBRefreshToken | None:
         """Return the refresh token's session facts, or None.
 
-        None for a malformed or unknown token, a revoked one, one of a
-        session without a grant, one issued to another client, and one
+        Returns None for a malformed or unknown token, a revoked one, one of
+        a session without a grant, one issued to another client, and one
         issued for another resource (a server with another public URL that
-        shares the database). The SDK returns ``invalid_grant`` for all
-        of them. A token rotated within the replay window is returned, so that
+        shares the database). The SDK returns ``invalid_grant`` for all of
+        them. A token rotated within the replay window is returned, so that
         exchanging it again revokes its family.
         """
         candidates = self.sessions.hasher.candidates(refresh_token, TokenKind.REFRESH)
@@ -1055,7 +1061,7 @@ class AuthDBProvider(
         return facts
 
     async def revoke_token(self, token: AuthDBAccessToken | AuthDBRefreshToken) -> None:
-        """Revoke the family of ``token``; an unknown token revokes nothing."""
+        """Revoke the family of ``token``. An unknown token revokes nothing."""
         revoked = await self.sessions.revoke_token(token.token)
         logger.info(
             "client %s revoked a token: %d sessions revoked",
@@ -1122,7 +1128,8 @@ def _callback_error_page(
     headers: dict[str, str] | None = None,
     title: str = "Sign-in failed",
 ) -> Response:
-    """Return HTTP 400 as JSON to clients that ask for it, else as HTML."""
+    """Return HTTP 400 as JSON to clients that accept JSON, else as HTML."""
+
     headers = dict(headers or {"Cache-Control": "no-store"})
     if "application/json" in request.headers.get("accept", ""):
         body = {"error": error, "error_description": message}

@@ -102,7 +102,7 @@ class JsonRpcError(UpstreamError):
     """The JSON-RPC endpoint returned an error object for the call.
 
     ``code`` and ``rpc_message`` are the error object's ``code`` and
-    ``message``; ``data`` is its optional ``data`` member.
+    ``message``, and ``data`` is its optional ``data`` member.
     """
 
     def __init__(self, message: str, *, code: int, rpc_message: str, data: Any) -> None:
@@ -355,7 +355,7 @@ class UpstreamClient:
         *,
         transport: httpx2.AsyncBaseTransport | None = None,
     ) -> None:
-        """Create the client; ``transport`` replaces the network, for tests."""
+        """Create the client. Tests pass a ``transport`` in place of the network."""
         self.config = config
         urls = (
             config.authorize_url,
@@ -400,8 +400,8 @@ class UpstreamClient:
         """Return the URL of the upstream's authorize endpoint for one sign-in.
 
         ``scopes`` defaults to the configured scopes. With PKCE on (the
-        default), ``code_challenge`` is required and sent with method S256;
-        with PKCE off it is ignored. Query parameters already in the
+        default), ``code_challenge`` is required and sent with method S256.
+        With PKCE off it is ignored. Query parameters already in the
         configured authorize URL are kept.
         """
         scope_list = tuple(self.config.scopes if scopes is None else scopes)
@@ -432,7 +432,7 @@ class UpstreamClient:
     ) -> UpstreamTokens:
         """Exchange an authorization code from the upstream's callback for tokens.
 
-        ``code_verifier`` is sent when PKCE is on; it is required then. The
+        ``code_verifier`` is required and sent when PKCE is on. The
         client authenticates with ``client_secret_post`` when a secret is
         configured. Raises :class:`UpstreamError` with the upstream's
         ``error`` (such as ``invalid_grant``) when it rejects the code.
@@ -506,7 +506,7 @@ class UpstreamClient:
     async def call_jsonrpc(
         self, access_token: str, method: str, params: dict[str, Any]
     ) -> Any:
-        """Call ``method`` at the upstream JSON-RPC 2.0 endpoint; return its result.
+        """Call ``method`` at the upstream JSON-RPC 2.0 endpoint and return its result.
 
         The call is authorized with ``access_token`` as a bearer token.
         Raises :class:`JsonRpcError` when the endpoint returns an error
